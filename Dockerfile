@@ -1,0 +1,12 @@
+# One image for the worker, beat and flower services of docker-compose.yml.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY tasks ./tasks
+COPY worker ./worker
+COPY beat ./beat
+COPY demo ./demo
+RUN pip install --no-cache-dir .
+# Celery refuses to run as root without this; run as an unprivileged user instead.
+RUN useradd --create-home onelane
+USER onelane

@@ -1,0 +1,1 @@
+"""Beat-side parts of onelane: the reaper and the scheduler that runs it in-process."""

@@ -1,0 +1,1 @@
+"""Benchmarks: onelane against a bare Celery baseline and the spin-lock approach, same run."""

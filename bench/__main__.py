@@ -1,0 +1,303 @@
+"""``make bench``: onelane beside its baselines, measured in the same run.
+
+    python -m bench [--quick] [--out bench/results.json]
+
+1. Overhead: N callouts to an API that answers at once, through onelane and through a bare
+   Celery task doing the same requests call with the same worker flags.
+2. Contention: 50 jobs needing an exclusive resource for 200 ms each, launched at once:
+   onelane's serial queue against 8 workers spinning on a Redis lock.
+3. Recovery: kill -9 mid-callout (pool child, whole worker) until the retry reaches the
+   API, against bare Celery with late ack.
+4. Memory: worker RSS after the overhead run.
+5. Capacity: 2000 calls of 50 ms to an API that fails above 25 in flight, from two
+   thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls.
+Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.fragile_api import FragileAPI, Reply  # noqa: E402
+from demo.redis_server import RedisServer  # noqa: E402
+from tests.procs import CeleryProcess, children, wait_for  # noqa: E402
+
+console = Console(width=max(140, Console().width))
+
+
+def env_for(url: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONELANE_")}
+    env.update(REDIS_URL=url, ONELANE_ALLOW_PRIVATE_NETWORKS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def pct(values, p):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def gaps_ms(calls):
+    calls = sorted(calls, key=lambda c: c.start)
+    return [(b.start - a.end) * 1000 for a, b in zip(calls, calls[1:])]
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total
+
+
+def worker(module, queue, env, name, *extra):
+    return CeleryProcess(["worker", "-Q", queue, "-n", f"{name}@%h", "-l", "info", *extra], env, name, app=module)
+
+
+# -- 1. overhead -------------------------------------------------------------------------------
+def run_throughput(module, task, queue, n, extra_args=()):
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0) as api:
+        env = env_for(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        results = [app.send_task(task, kwargs={"url": f"{api.url}/o", "json": {"i": i}}, queue=queue)
+                   for i in range(n)]
+        w = worker(module, queue, env, "bench", *extra_args).start(timeout_s=60)
+        try:
+            for r in results:
+                r.get(timeout=600)
+            memory = rss_kb(w.pid)
+        finally:
+            w.stop()
+        calls = api.snapshot()
+        span = max(c.end for c in calls) - min(c.start for c in calls)
+        g = gaps_ms(calls)
+        return {"calls": len(calls), "seconds": round(span, 3), "per_s": round(len(calls) / span, 1),
+                "gap_p50_ms": round(pct(g, 50), 2), "gap_p99_ms": round(pct(g, 99), 2),
+                "gap_max_ms": round(max(g), 2), "overlaps": api.overlaps, "rss_mb": round(memory / 1024, 1)}
+
+
+def overhead(n, pools):
+    out = {}
+    for pool in pools:
+        extra = () if pool == "prefork" else ("--pool", pool)
+        ol = run_throughput("tasks", "tasks.callout", "serial", n, extra)
+        bare = run_throughput("bench.bare_app", "bare.call", "bare", n, extra)
+        out[pool] = {"onelane": ol, "bare": bare, "ratio": round(ol["per_s"] / bare["per_s"], 3)}
+    return out
+
+
+# -- 2. contention -----------------------------------------------------------------------------
+def contention(jobs):
+    out = {}
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.2) as api:
+        env = env_for(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        w = worker("tasks", "serial", env, "ol").start(timeout_s=60)
+        try:
+            t0 = time.time()
+            rs = [app.send_task("tasks.callout", queue="serial", kwargs={"url": f"{api.url}/c", "json": {"i": i}})
+                  for i in range(jobs)]
+            for r in rs:
+                r.get(timeout=600)
+            total = time.time() - t0
+        finally:
+            w.stop()
+        out["onelane"] = {"seconds": round(total, 2), "ratio_to_ideal": round(total / (jobs * 0.2), 3),
+                          "retries": 0, "requeues": 0, "overlaps": api.overlaps}
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.2) as api:
+        env = env_for(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        w = worker("bench.spinlock_app", "spin", env, "spin", "--pool", "threads", "-c", "8").start(timeout_s=60)
+        try:
+            t0 = time.time()
+            rs = [app.send_task("spin.job", queue="spin", kwargs={"url": f"{api.url}/c", "key": f"j{i}"})
+                  for i in range(jobs)]
+            for r in rs:
+                r.get(timeout=1200)
+            total = time.time() - t0
+            import redis
+
+            c = redis.Redis.from_url(server.url)
+            retries, requeues = int(c.get("spin:retries") or 0), int(c.get("spin:requeues") or 0)
+        finally:
+            w.stop()
+        out["spinlock"] = {"seconds": round(total, 2), "ratio_to_ideal": round(total / (jobs * 0.2), 3),
+                           "retries": retries, "requeues": requeues, "overlaps": api.overlaps}
+    return out
+
+
+# -- 5. capacity -------------------------------------------------------------------------------
+def capacity_once(module, task, queue, env_extra, calls, kwargs_of):
+    """Two thread-pool workers of 20 against an API that fails every call above 25 in flight."""
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.05, capacity=25) as api:
+        env = env_for(server.url, **env_extra)
+        app = Celery(broker=server.url, backend=server.url)
+        ws = [worker(module, queue, env, f"cap{i}", "--pool", "threads", "-c", "20").start(timeout_s=60) for i in range(2)]
+        try:
+            t0 = time.time()
+            rs = [app.send_task(task, kwargs=kwargs_of(api, i), queue=queue) for i in range(calls)]
+            for r in rs:
+                r.get(timeout=600, propagate=False)
+            elapsed = time.time() - t0
+        finally:
+            for w in ws:
+                w.stop()
+        snap = api.snapshot()
+        ok = [c for c in snap if c.status == 200]
+        busy = sum(c.end - c.start for c in ok)
+        return {"seconds": round(elapsed, 2), "api_calls": len(snap), "failed_calls": len(snap) - len(ok),
+                "max_concurrency": api.max_concurrency, "utilisation": round(busy / (elapsed * 25), 3)}
+
+
+def capacity(calls):
+    limits = json.dumps({"acme": {"concurrency": 25}})
+    return {
+        "onelane_cap_25": capacity_once("tasks", "tasks.callout", "bulk", {"ONELANE_LIMITS": limits}, calls,
+                                        lambda api, i: {"url": f"{api.url}/c/{i}", "resource": "acme"}),
+        "unlimited": capacity_once("bench.unlimited_app", "free.call", "free", {}, calls,
+                                   lambda api, i: {"url": f"{api.url}/c/{i}"}),
+        # 40 threads each sleeping 30 ms after a 50 ms call keep ~25 in flight on average
+        "sleep_between_calls": capacity_once("bench.unlimited_app", "free.call", "free",
+                                             {"BENCH_SLEEP_S": "0.03"}, calls,
+                                             lambda api, i: {"url": f"{api.url}/c/{i}"}),
+    }
+
+
+# -- 3. recovery -------------------------------------------------------------------------------
+def recovery_once(module, task, queue, whole, extra_env, new_worker_wait_s=60):
+    with RedisServer(appendonly=False) as server, FragileAPI() as api:
+        env = env_for(server.url, **extra_env)
+        app = Celery(broker=server.url, backend=server.url)
+        api.script("k1", [Reply(200, {"ok": 1}, delay_s=3)])
+        w = worker(module, queue, env, "r1").start(timeout_s=60)
+        beat = CeleryProcess(["beat", "-l", "info"], env, "beat") if module == "tasks" else None
+        if beat:
+            beat.ready_marker = "beat: Starting"
+            beat.start(timeout_s=60)
+        w2 = None
+        try:
+            kw = {"url": f"{api.url}/k", "json": {}, "headers": {"Idempotency-Key": "k1"}} if module != "tasks" \
+                else {"url": f"{api.url}/k", "idempotency_key": "k1"}
+            app.send_task(task, kwargs=kw, queue=queue)
+            first = wait_for(lambda: (api.calls_for("k1") or [None])[0], 30, what="the first call")
+            if whole:
+                w.kill9(whole=True)
+            else:
+                os.kill(w.pool_children()[0], signal.SIGKILL)
+            killed = time.time()
+            if whole:
+                w2 = worker(module, queue, env, "r2").start(timeout_s=60)
+            try:
+                wait_for(lambda: len(api.calls_for("k1")) >= 2, new_worker_wait_s, 0.05, what="the retry")
+                retry = api.calls_for("k1")[1]
+                return {"seconds_after_kill": round(retry.start - killed, 2),
+                        "seconds_after_deadline": round(retry.start - (first.start + 5), 2),
+                        "overlaps": api.overlaps}
+            except TimeoutError:
+                return {"seconds_after_kill": None, "note": f"no retry within {new_worker_wait_s} s",
+                        "overlaps": api.overlaps}
+        finally:
+            for p in (w2, beat, w):
+                if p is not None:
+                    p.stop()
+
+
+def recovery(quick):
+    one = {"ONELANE_CALLOUT_TIMEOUT": "5"}
+    out = {"onelane": {"child": recovery_once("tasks", "tasks.callout", "serial", False, one),
+                       "worker": recovery_once("tasks", "tasks.callout", "serial", True, one)},
+           "bare": {"child": recovery_once("bench.bare_app", "bare.call", "bare", False, {})}}
+    if not quick:
+        out["bare"]["worker"] = recovery_once("bench.bare_app", "bare.call", "bare", True,
+                                              {"BARE_VISIBILITY_TIMEOUT": "30"}, new_worker_wait_s=45)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------
+def report(res):
+    t = Table(title=f"onelane benchmarks — {res['machine']}")
+    for col in ("scenario", "onelane", "baseline", "ratio / note"):
+        t.add_column(col)
+    for pool, o in res["overhead"].items():
+        ol, b = o["onelane"], o["bare"]
+        t.add_row(f"overhead, {ol['calls']} calls, pool {pool}: calls/s", str(ol["per_s"]), str(b["per_s"]),
+                  f"{o['ratio']:.2f}x bare")
+        t.add_row("  handoff gap p50 / p99 / max ms",
+                  f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']} / {ol['gap_max_ms']}",
+                  f"{b['gap_p50_ms']} / {b['gap_p99_ms']} / {b['gap_max_ms']}",
+                  f"p50 +{ol['gap_p50_ms'] - b['gap_p50_ms']:.2f} ms")
+        t.add_row("  worker RSS MB (parent + child)", str(ol["rss_mb"]), str(b["rss_mb"]), "")
+    c = res["contention"]
+    t.add_row(f"contention, {res['args']['jobs']} jobs x 200 ms: seconds", str(c["onelane"]["seconds"]),
+              str(c["spinlock"]["seconds"]),
+              f"{c['onelane']['ratio_to_ideal']:.2f}x vs {c['spinlock']['ratio_to_ideal']:.2f}x ideal")
+    t.add_row("  retries / requeues / overlaps",
+              f"{c['onelane']['retries']} / {c['onelane']['requeues']} / {c['onelane']['overlaps']}",
+              f"{c['spinlock']['retries']} / {c['spinlock']['requeues']} / {c['spinlock']['overlaps']}", "")
+    for name, cap in res.get("capacity", {}).items():
+        t.add_row(f"capacity {name}: {res['args']['capacity_calls']} calls x 50 ms, API fails above 25",
+                  f"{cap['seconds']} s, utilisation {cap['utilisation']}",
+                  f"failed calls {cap['failed_calls']}", f"max concurrency {cap['max_concurrency']}")
+    r = res["recovery"]
+    for kind in ("child", "worker"):
+        ol = r["onelane"][kind]
+        b = r["bare"].get(kind)
+        t.add_row(f"recovery, killed {kind}: s after kill (after 5 s deadline)",
+                  f"{ol['seconds_after_kill']} ({ol.get('seconds_after_deadline')})",
+                  "skipped (--quick)" if b is None else (f"{b['seconds_after_kill']}" if b.get("seconds_after_kill")
+                                                        is not None else b.get("note", "")),
+                  f"API overlaps: onelane {ol['overlaps']}, bare {b['overlaps'] if b else '-'}")
+    console.print(t)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through every finally: processes are stopped
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--calls", type=int, default=None, help="overhead callouts (default 2000; quick 100)")
+    ap.add_argument("--jobs", type=int, default=None, help="contention jobs (default 50; quick 10)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    a = ap.parse_args(argv)
+    calls = a.calls or (100 if a.quick else 2000)
+    jobs = a.jobs or (10 if a.quick else 50)
+    res = {"machine": f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}",
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "jobs": jobs, "quick": a.quick}}
+    console.print(f"overhead: {calls} callouts each way ...")
+    res["overhead"] = overhead(calls, ["prefork"] if a.quick else ["prefork", "solo"])
+    console.print(f"contention: {jobs} jobs ...")
+    res["contention"] = contention(jobs)
+    cap_calls = 200 if a.quick else 2000
+    res["args"]["capacity_calls"] = cap_calls
+    console.print(f"capacity: {cap_calls} calls, three ways ...")
+    res["capacity"] = capacity(cap_calls)
+    console.print("recovery ...")
+    res["recovery"] = recovery(a.quick)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    report(res)
+    console.print(f"written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+-- Grant a lease if it is free (or already ours, or held by a token we may steal).
+-- KEYS[1] lease key (string: owner token, with an expiry)
+-- KEYS[2] holder hash (who holds it: token, host, pid, label, since, renewed, deadline)
+-- KEYS[3] fencing counter (incremented on every new grant)
+-- KEYS[4] lease index (sorted set: lease name -> deadline, ms on the Redis clock)
+-- ARGV[1] token of the caller
+-- ARGV[2] ttl in ms (the lease expires this long after the grant)
+-- ARGV[3] host, ARGV[4] pid, ARGV[5] label (free text shown to operators)
+-- ARGV[6] since, ms ("" = now on the Redis clock)
+-- ARGV[7] lease name (member of the index)
+-- ARGV[8] steal token: "" or a token that may be replaced (a provably dead holder)
+-- Returns {1, fence, deadline_ms, now_ms} when granted (a re-grant to the same
+-- token keeps its fence), else {0, pttl_ms, token, host, pid, label, renewed_ms, since_ms, now_ms}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local deadline = now + ttl
+local current = redis.call('GET', KEYS[1])
+local fence
+if current == ARGV[1] then
+    fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
+    fence = redis.call('INCR', KEYS[3])
+else
+    local h = redis.call('HMGET', KEYS[2], 'host', 'pid', 'label', 'renewed', 'since')
+    return {0, redis.call('PTTL', KEYS[1]), current, h[1] or '', h[2] or '', h[3] or '',
+            tonumber(h[4] or '0'), tonumber(h[5] or '0'), now}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+local since = ARGV[6]
+if since == '' then since = tostring(now) end
+if current == ARGV[1] then
+    since = redis.call('HGET', KEYS[2], 'since') or since
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'token', ARGV[1], 'host', ARGV[3], 'pid', ARGV[4], 'label', ARGV[5],
+           'since', since, 'renewed', now, 'deadline', deadline, 'fence', fence)
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('ZADD', KEYS[4], deadline, ARGV[7])
+return {1, fence, deadline, now}

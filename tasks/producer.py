@@ -1,0 +1,42 @@
+"""Publishing callouts from Python: :func:`submit` validates before anything is sent."""
+from __future__ import annotations
+
+import redis
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from tasks.errors import BrokerUnavailable
+from tasks.redis_client import client_for, redact_url
+from tasks.settings import get_settings
+from tasks.redaction import redact_kwargs
+from tasks.validation import validate
+
+
+def submit(url: str, **kwargs) -> AsyncResult:
+    """Validate a callout and publish it to the serial queue.
+
+    Raises ``ValueError`` (:class:`tasks.errors.ValidationError`) naming the bad
+    argument before anything is published, and :class:`BrokerUnavailable` when Redis
+    cannot be reached after bounded retries (about 3 s), instead of hanging.
+    """
+    s = get_settings()
+    req = validate({"url": url, **kwargs}, max_bytes=s.max_message_bytes)
+    from tasks.celery import app
+
+    try:
+        # A quick check with bounded retries first: Celery's result backend would otherwise
+        # retry its connection for about 20 s before giving up.
+        client_for(s).ping()
+        clean = req.as_kwargs()
+        # what Flower and the logs show of the arguments: secrets masked
+        shown = repr(redact_kwargs(clean, s.redact_headers))
+        return app.send_task("tasks.callout", kwargs=clean, queue=s.queue, retry=True, kwargsrepr=shown)
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(
+            f"Redis at {redact_url(s.redis_url)} refused the password ({exc}); check the password in REDIS_URL"
+        ) from exc
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        raise BrokerUnavailable(
+            f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries ({exc}); "
+            "is redis-server running and is REDIS_URL right?"
+        ) from exc

@@ -1,0 +1,32 @@
+"""A short benchmark run: every scenario measures onelane and its baseline (no timed assertions)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests import procs
+
+
+def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--calls", "60", "--jobs", "6",
+                          "--out", str(out)], cwd=str(procs.ROOT), env=base_env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    over = res["overhead"]["prefork"]
+    assert over["onelane"]["calls"] == 60 and over["bare"]["calls"] == 60
+    assert over["onelane"]["overlaps"] == 0 and over["ratio"] > 0
+    assert over["onelane"]["rss_mb"] > 0 and over["bare"]["rss_mb"] > 0
+    c = res["contention"]
+    assert c["onelane"]["overlaps"] == 0 and c["onelane"]["requeues"] == 0
+    assert c["spinlock"]["seconds"] > 0
+    for kind in ("child", "worker"):
+        r = res["recovery"]["onelane"][kind]
+        assert r["overlaps"] == 0 and r["seconds_after_deadline"] >= 0
+    assert res["recovery"]["bare"]["child"]["seconds_after_kill"] is not None
+    cap = res["capacity"]
+    assert cap["onelane_cap_25"]["failed_calls"] == 0 and cap["onelane_cap_25"]["max_concurrency"] <= 25
+    assert {"unlimited", "sleep_between_calls"} <= set(cap)
+    assert "overhead" in run.stdout and "calls/s" in run.stdout

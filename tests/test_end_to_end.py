@@ -1,0 +1,43 @@
+"""End to end: many producer processes, one real worker, the fragile API."""
+from __future__ import annotations
+
+
+from celery.result import AsyncResult
+
+from tests import procs
+from tests.producer_proc import Producers
+
+CONTRACT_FIELDS = {"status_code", "headers", "elapsed_ms", "attempts", "fencing_token"}
+
+
+def test_200_callouts_from_4_producers_run_one_at_a_time_in_order(base_env, redis_client, api, start, celery_app):
+    # Given a real worker on the serial queue (the public command) and an API that takes 5-15 ms
+    api.delay_s = 0.005
+    start(procs.worker(base_env))
+    # When 4 producer processes publish 50 callouts each with plain send_task
+    with Producers(base_env["REDIS_URL"], api.url, processes=4, count=50, max_gap_s=0.01) as producers:
+        published = producers.published(timeout_s=60)
+    results = {tid: AsyncResult(tid, app=celery_app).get(timeout=120)
+               for ids in published.values() for tid in ids}
+
+    # Then all complete, one at a time
+    calls = api.snapshot()
+    assert len(results) == 200
+    assert len(calls) == 200
+    assert api.overlaps == 0
+    assert api.max_concurrency == 1
+    # each producer's callouts reach the API in the order it published them
+    for producer in range(4):
+        order = [c.json()["n"] for c in calls if c.json()["producer"] == producer]
+        assert order == list(range(50)), f"producer {producer} out of order: {order}"
+    # every Idempotency-Key is unique, and the fencing token grows with every call
+    keys = [c.key for c in calls]
+    assert len(set(keys)) == 200
+    fences = [c.fence for c in calls]
+    assert all(a < b for a, b in zip(fences, fences[1:])), fences
+    # results hold the contract's fields
+    for tid, res in results.items():
+        assert CONTRACT_FIELDS <= set(res), res
+        assert ("json" in res) or ("body" in res)
+        assert res["status_code"] == 200 and res["attempts"] == 1
+    assert sorted(r["fencing_token"] for r in results.values()) == sorted(fences)

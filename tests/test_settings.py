@@ -1,0 +1,107 @@
+"""Settings: defaults from an empty environment, and every bad value named in its ConfigError."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tasks.errors import ConfigError, OnelaneError
+from tasks.settings import MAX_CALLOUT_TIMEOUT_S, Settings, load_settings
+from tests import procs
+
+
+def test_an_empty_environment_gives_the_documented_defaults():
+    s = load_settings({})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.queue == "serial"
+    assert s.callout_timeout_s == 60.0
+    assert s.max_attempts == 5
+    assert s.standby is False
+    assert s.backoff_base_s == 1.0 and s.backoff_max_s == 60.0
+    assert s.key_prefix == "onelane"
+    assert s.bulk_queue == "bulk"
+    assert s.ordering == "strict"
+    # derived values keep their relations
+    assert s.visibility_timeout_s == 0
+    assert s.effective_visibility_timeout_s > s.longest_unacked_s()
+    assert s.renew_every_ms * 2 < s.guard_ttl_ms
+    assert s == Settings()
+
+
+def test_good_values_are_read_and_typed():
+    s = load_settings({
+        "REDIS_URL": "redis://example:6390/2", "ONELANE_QUEUE": "calls.v2", "ONELANE_CALLOUT_TIMEOUT": "12.5",
+        "ONELANE_MAX_ATTEMPTS": "3", "ONELANE_STANDBY": "yes", "ONELANE_BACKOFF_BASE": "0.5",
+        "ONELANE_BACKOFF_MAX": "0.5",
+    })
+    assert (s.redis_url, s.queue, s.callout_timeout_s, s.max_attempts, s.standby) == (
+        "redis://example:6390/2", "calls.v2", 12.5, 3, True)
+    assert isinstance(s.max_attempts, int) and isinstance(s.callout_timeout_s, float)
+    assert s.backoff_base_s == s.backoff_max_s == 0.5
+
+
+def test_blank_values_mean_the_default():
+    s = load_settings({"ONELANE_CALLOUT_TIMEOUT": "  ", "ONELANE_MAX_ATTEMPTS": "", "REDIS_URL": ""})
+    assert s.callout_timeout_s == 60.0 and s.max_attempts == 5 and s.redis_url == Settings.redis_url
+
+
+def test_the_longest_allowed_callout_timeout_is_accepted():
+    assert load_settings({"ONELANE_CALLOUT_TIMEOUT": str(MAX_CALLOUT_TIMEOUT_S)}).callout_timeout_s == 3600.0
+
+
+BAD = [
+    ({"REDIS_URL": "ftp://x"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://host:notaport/0"}, "REDIS_URL"),
+    ({"ONELANE_QUEUE": "bad queue"}, "ONELANE_QUEUE"),
+    ({"ONELANE_QUEUE": "-leading-dash"}, "ONELANE_QUEUE"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "0"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "-1"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "abc"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "4000"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "nan"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_CALLOUT_TIMEOUT": "inf"}, "ONELANE_CALLOUT_TIMEOUT"),
+    ({"ONELANE_MAX_ATTEMPTS": "0"}, "ONELANE_MAX_ATTEMPTS"),
+    ({"ONELANE_MAX_ATTEMPTS": "2.5"}, "ONELANE_MAX_ATTEMPTS"),
+    ({"ONELANE_STANDBY": "maybe"}, "ONELANE_STANDBY"),
+    ({"ONELANE_VISIBILITY_TIMEOUT": "60"}, "ONELANE_VISIBILITY_TIMEOUT"),
+    ({"ONELANE_BACKOFF_BASE": "5", "ONELANE_BACKOFF_MAX": "2"}, "ONELANE_BACKOFF_MAX"),
+]
+
+
+@pytest.mark.parametrize("env, variable", BAD, ids=[f"{v}={e.get(v)!r}" for e, v in BAD])
+def test_a_bad_value_raises_config_error_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert variable in str(info.value)
+    # it is a ValueError and an OnelaneError, so callers can catch either
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OnelaneError)
+
+
+def test_backoff_relation_names_both_values():
+    with pytest.raises(ConfigError) as info:
+        load_settings({"ONELANE_BACKOFF_BASE": "5", "ONELANE_BACKOFF_MAX": "2"})
+    assert "ONELANE_BACKOFF_MAX=2" in str(info.value) and "ONELANE_BACKOFF_BASE=5" in str(info.value)
+
+
+def test_a_low_visibility_timeout_message_names_the_limit():
+    s = Settings()
+    with pytest.raises(ConfigError) as info:
+        load_settings({"ONELANE_VISIBILITY_TIMEOUT": str(s.longest_unacked_s())})
+    assert str(s.longest_unacked_s()) in str(info.value)
+    # one second above the limit is accepted
+    ok = load_settings({"ONELANE_VISIBILITY_TIMEOUT": str(s.longest_unacked_s() + 1)})
+    assert ok.effective_visibility_timeout_s == s.longest_unacked_s() + 1
+
+
+def test_a_worker_with_a_bad_setting_exits_non_zero_naming_the_variable(base_env):
+    # Given the public worker command and a malformed setting
+    env = {**base_env, "ONELANE_CALLOUT_TIMEOUT": "abc"}
+    # When it starts (bounded: subprocess.run kills it after 60 s)
+    done = subprocess.run([procs.CELERY, "-A", "tasks", "worker", "-Q", "serial"], cwd=str(procs.ROOT), env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    # Then it refuses to start, and says which variable is wrong
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "ONELANE_CALLOUT_TIMEOUT" in out, out[-3000:]
+    assert "ready." not in out
