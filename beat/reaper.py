@@ -46,7 +46,7 @@ def reap(client, keys: Keys, *, queue: str, margin_ms: int, now_ms: int | None =
     report.promoted = promote_due(client, keys, queue)
     if bulk_queue:
         # many consumers: an orphan is a record whose worker no longer renews its presence
-        bulk = requeue_reserved_orphans(client, keys, queue=bulk_queue, now_ms=now_ms,
+        bulk = requeue_reserved_orphans(client, keys, queue=bulk_queue, now_ms=now_ms, margin_ms=margin_ms,
                                         owner_alive=presence_alive(client, keys))
         report.add(bulk)
         report.promoted += promote_due(client, keys, bulk_queue)

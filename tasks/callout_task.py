@@ -140,7 +140,10 @@ def callout(self, *args, **kwargs):
         pipe.exists(c.keys.paused(c.queue))
         pipe.hgetall(c.keys.circuit(resource))
         pipe.time()
-        done_raw, idem_hit, attempts_raw, paused, circuit_raw, now = pipe.execute()
+        if first and owner and c.tag and c.queue == s.bulk_queue:
+            # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
+            pipe.hset(c.keys.reserved(c.queue), c.tag, owner)
+        done_raw, idem_hit, attempts_raw, paused, circuit_raw, now = pipe.execute()[:6]
         preflight_at = time.monotonic()
         redis_ms = time_ms(now)
         if first:

@@ -19,6 +19,8 @@ def celery_config(s: Settings) -> dict:
     q = s.queue
     return {
         "broker_url": s.redis_url,
+        # kombu's Redis transport with a fetch that cannot lose a message (tasks/transport.py)
+        "broker_transport": "tasks.transport:Transport",
         "result_backend": s.redis_url,
         "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),
                         Queue(s.bulk_queue, Exchange(s.bulk_queue, type="direct"), routing_key=s.bulk_queue)),

@@ -86,12 +86,14 @@ class Inflight:
 
 
 def requeue_at_head(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str,
-                    expect_owner: str = "") -> int:
+                    expect_owner: str = "", unclaimed: bool = False) -> int:
     """Move the unacked message ``delivery_tag`` to the head of ``queue``, atomically.
 
     Guarantees: the message is pushed at most once (kombu's unacked copy is removed
     in the same script, and a copy changed since it was read is left alone); a
-    message whose in-flight record now names another owner is not touched.
+    message whose in-flight record now names another owner is not touched; with
+    ``unclaimed`` a message that has an in-flight record or a receiver record is not
+    touched either (checked in the same script, so a worker claiming it meanwhile wins).
     Returns MOVED, NOT_HELD, OWNER_CHANGED or CHANGED (see the Lua header).
     """
     for _ in range(3):
@@ -101,8 +103,9 @@ def requeue_at_head(client, keys: Keys, *, queue: str, delivery_tag: str, task_i
             payload = _mark_redelivered(_t(raw))
         res = int(script(client, "requeue_at_head")(
             keys=[KOMBU_UNACKED, KOMBU_UNACKED_INDEX, keys.queue_list(queue), keys.inflight(task_id),
-                  keys.inflight_index(queue)],
-            args=[delivery_tag, _t(raw) if raw is not None else "", payload, task_id, expect_owner],
+                  keys.inflight_index(queue), keys.reserved(queue)],
+            args=[delivery_tag, _t(raw) if raw is not None else "", payload, task_id, expect_owner,
+                  "1" if unclaimed else ""],
         ))
         if res != CHANGED:
             return res

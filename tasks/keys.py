@@ -88,6 +88,16 @@ class Keys:
         """Hash: delivery tag -> token of the worker that received it (queues with many consumers)."""
         return f"{self.prefix}:reserved:{queue}"
 
+    # -- fetching (see tasks.transport)
+    def fetch_list(self, queue: str, token: str) -> str:
+        """List: a message a worker has taken off ``queue`` but not yet recorded as unacked."""
+        return f"{self.prefix}:fetching:{queue}:{token}"
+
+    @property
+    def fetch_lists(self) -> str:
+        """Hash: fetch list key -> JSON {queue, token} of every consuming worker."""
+        return f"{self.prefix}:fetching"
+
     # -- in-flight registry
     def inflight(self, task_id: str) -> str:
         """Hash: the record of a callout whose attempt is under way."""

@@ -3,6 +3,8 @@
 Used by the reaper (in beat) and by a worker that has just taken a queue's guard.
 
 An orphan is either
+* a message in the fetch list of a worker that is gone (taken off the queue, never
+  recorded as unacked; see :mod:`tasks.transport`), or
 * an in-flight record whose owner no longer holds the queue's guard and whose
   attempt deadline has passed (the API can no longer be working on it), or
 * a message kombu holds as unacked for this queue, with no in-flight record (so
@@ -19,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from tasks.fetching import return_fetched
 from tasks.inflight import MOVED, NOT_HELD, Inflight, requeue_at_head
 from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from tasks.lease import Lease, redis_now_ms
@@ -70,6 +73,12 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
     now_ms = redis_now_ms(client) if now_ms is None else now_ms
     inflight = Inflight(client, keys)
 
+    # Messages a worker took off the queue but never recorded: only the guard holder
+    # consumes this queue, so any other worker's fetch list is an orphan.
+    alive = (lambda token: token == live_owner) if live_owner else presence_alive(client, keys)
+    for task_id in return_fetched(client, keys, alive, queue=queue):
+        _note(report, MOVED, task_id, "fetched by a worker that died before recording it")
+
     for task_id in inflight.task_ids(queue):
         rec = inflight.get(task_id)
         if rec is None:
@@ -89,7 +98,16 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
         cutoff_s = unacked_before_ms / 1000
     else:
         cutoff_s = ((live_since_ms if live_owner and live_since_ms else time.time() * 1000) - margin_ms) / 1000
-    for tag, _score in client.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", cutoff_s, withscores=True):
+    _requeue_unclaimed(client, keys, report, queue=queue, cutoff_s=cutoff_s,
+                       why="reserved by a dead worker before it started")
+    return report
+
+
+def _requeue_unclaimed(client, keys: Keys, report: RecoveryReport, *, queue: str, cutoff_s: float,
+                       why: str) -> None:
+    """Requeue ``queue``'s messages kombu has held unacked since before ``cutoff_s`` (local
+    clock, seconds) that nobody claims: no in-flight record, no receiver record."""
+    for tag in client.zrangebyscore(KOMBU_UNACKED_INDEX, "-inf", cutoff_s):
         tag = tag.decode() if isinstance(tag, bytes) else tag
         raw = client.hget(KOMBU_UNACKED, tag)
         if raw is None:
@@ -99,11 +117,10 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
             task_id = message["headers"]["id"]
         except (ValueError, KeyError, TypeError):
             continue
-        if routing_key != queue or client.exists(keys.inflight(task_id)):
+        if routing_key != queue:
             continue
-        res = requeue_at_head(client, keys, queue=queue, delivery_tag=tag, task_id=task_id)
-        _note(report, res, task_id, "reserved by a dead worker before it started")
-    return report
+        res = requeue_at_head(client, keys, queue=queue, delivery_tag=tag, task_id=task_id, unclaimed=True)
+        _note(report, res, task_id, why)
 
 
 def _note(report: RecoveryReport, res: int, task_id: str, why: str) -> None:
@@ -141,18 +158,23 @@ def wait_and_requeue_orphans(client, keys: Keys, *, queue: str, owner: str, sinc
         time.sleep(min(delay_s, 1.0))
 
 
-def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive,
+def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive, margin_ms: int,
                              now_ms: int | None = None) -> RecoveryReport:
     """For a queue with many consumers: requeue messages received by workers that are gone.
 
-    Each worker records the delivery tags it receives (``Keys.reserved``). A message still
-    unacked whose receiver no longer renews its presence goes back to the head of the
-    queue — at once if its attempt never started, after the attempt's deadline otherwise.
+    Each worker records the delivery tags it receives (``Keys.reserved``), and again when
+    the task starts. A message still unacked whose receiver no longer renews its presence
+    goes back to the head of the queue — at once if its attempt never started, after the
+    attempt's deadline otherwise. A message kombu marked unacked more than ``margin_ms``
+    ago that nobody has claimed (its receiver died between kombu's bookkeeping and its
+    own record) goes back too.
     """
     report = RecoveryReport()
     now_ms = redis_now_ms(client) if now_ms is None else now_ms
     inflight = Inflight(client, keys)
     forget = script(client, "hdel_if")
+    for task_id in return_fetched(client, keys, owner_alive, queue=queue):
+        _note(report, MOVED, task_id, "fetched by a worker that died before recording it")
     for tag, owner in client.hgetall(keys.reserved(queue)).items():
         tag, owner = tag.decode(), owner.decode()
         raw = client.hget(KOMBU_UNACKED, tag)
@@ -174,4 +196,6 @@ def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive,
         if res in (MOVED, NOT_HELD):
             forget(keys=[keys.reserved(queue)], args=[tag, owner])
         _note(report, res, task_id, "received by a worker that is gone")
+    _requeue_unclaimed(client, keys, report, queue=queue, cutoff_s=time.time() - margin_ms / 1000,
+                       why="received by a worker that died before recording it")
     return report

@@ -67,3 +67,20 @@ def exposure_warning(client, url: str) -> str | None:
     return (f"Redis at {redact_url(url)} has no password and listens on {bind or 'every address'} "
             f"(protected-mode {protected}): anyone who reaches it can publish callouts. Set requirepass "
             "and put the password in REDIS_URL (redis://:password@host:6379/0)")
+
+
+#: the oldest Redis onelane runs on: workers fetch with BLMOVE (tasks/transport.py)
+MIN_REDIS_VERSION = (6, 2)
+
+
+def version_problem(version: str) -> str | None:
+    """Why a Redis server of ``version`` (as INFO reports it) cannot serve onelane; None if it can."""
+    try:
+        found = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None  # an unusual build string: let the commands themselves tell
+    if found >= MIN_REDIS_VERSION:
+        return None
+    need = ".".join(map(str, MIN_REDIS_VERSION))
+    return (f"Redis {version} is too old: onelane needs Redis {need} or newer (its workers fetch "
+            f"messages with BLMOVE). Upgrade the server REDIS_URL points at")

@@ -293,3 +293,39 @@ def test_producer_with_redis_down_gets_a_clear_error_fast(base_env):
     took = time.monotonic() - t0
     assert "BrokerUnavailable" in out.stdout and "REDIS_URL" in out.stdout, out.stdout + out.stderr
     assert took < 30, took
+
+
+@pytest.mark.parametrize("queue", ["serial", "bulk"])
+def test_worker_killed_while_fetching_loses_nothing(base_env, redis_client, api, start, celery_app, queue):
+    # Given a worker that consumes the queue and is idle, blocked in its fetch
+    env = {**base_env, "ONELANE_GUARD_TTL": "2", "ONELANE_REAP_INTERVAL": "0.5"}
+    extra = ["--pool", "threads", "-c", "2"] if queue == "bulk" else None
+    w1 = start(procs.worker(env, "w1", queue=queue, extra=extra))
+    celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/warm", "idempotency_key": "warm"},
+                         queue=queue).get(timeout=30)
+    [(fetch_list, owner)] = redis_client.hgetall(KEYS.fetch_lists).items()
+    assert json.loads(owner)["queue"] == queue
+    # When it is frozen, a callout arrives (Redis moves it to the worker at once), and the
+    # worker is killed before it ever reads it: with kombu's own BRPOP fetch this message
+    # would be gone from Redis for good
+    def idle_in_fetch():
+        blocked = [c for c in redis_client.client_list() if c["cmd"] == "blmove" and "b" in c["flags"]]
+        return blocked and redis_client.hlen("unacked") == 0
+    wait_for(idle_in_fetch, 10, what="the worker to wait in its fetch with nothing unacked")
+    os.killpg(w1.pid, signal.SIGSTOP)
+    r = celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/x", "idempotency_key": "x"},
+                             queue=queue)
+    wait_for(lambda: redis_client.llen(fetch_list) == 1, 10, what="the callout to reach the worker's fetch list")
+    assert redis_client.llen(queue) == 0 and redis_client.hlen("unacked") == 0
+    w1.kill9(whole=True)
+    killed_at = time.time()
+    # Then the next worker (serial: on taking the guard; bulk: the reaper in beat, once the dead
+    # worker's presence lapses) puts it back at the head, and it runs exactly once
+    start(procs.worker(env, "w2", queue=queue, extra=extra))
+    if queue == "bulk":
+        start(procs.beat(env))
+    result = r.get(timeout=30)
+    assert result["status_code"] == 200
+    assert len(api.calls_for("x")) == 1 and api.overlaps == 0
+    assert redis_client.llen(fetch_list) == 0
+    print(f"\nworker killed while fetching ({queue}): the callout ran {time.time() - killed_at:.2f} s after the kill")

@@ -9,7 +9,7 @@ from tests import procs
 
 BOTTOM = [
     "tasks.settings", "tasks.keys", "tasks.errors", "tasks.lease", "tasks.scripts", "tasks.inflight",
-    "tasks.ledger", "tasks.recovery", "tasks.validation", "tasks.retry_policy", "tasks.redis_client",
+    "tasks.ledger", "tasks.recovery", "tasks.fetching", "tasks.validation", "tasks.retry_policy", "tasks.redis_client",
 ]
 
 

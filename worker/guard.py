@@ -36,7 +36,7 @@ from tasks.flow import promote_due
 from tasks.keys import Keys
 from tasks.lease import Grant, Lease
 from tasks.recovery import wait_and_requeue_orphans
-from tasks.redis_client import client_for, exposure_warning, redact_url
+from tasks.redis_client import client_for, exposure_warning, redact_url, version_problem
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class GuardService:
             raise OnelaneError(
                 f"onelane: cannot reach Redis at {redact_url(self.s.redis_url)} ({exc}); is it running, "
                 "and is REDIS_URL right?") from None
+        problem = version_problem(str(self.client.info("server").get("redis_version", "")))
+        if problem:
+            raise OnelaneError(f"onelane: {problem}")
         warning = exposure_warning(self.client, self.s.redis_url)
         if warning:
             log.warning("onelane: %s", warning)
@@ -273,7 +276,10 @@ def _note_received(sender=None, request=None, **_):
     token = os.environ.get(WORKER_ID_ENV)
     tag = getattr(getattr(request, "message", None), "delivery_tag", None)
     if token and tag:
-        client_for(s).hset(Keys(s.key_prefix).reserved(s.bulk_queue), tag, token)
+        try:
+            client_for(s).hset(Keys(s.key_prefix).reserved(s.bulk_queue), tag, token)
+        except redis.RedisError as exc:  # the task writes it again as it starts
+            log.warning("onelane: could not record the receipt of %s (%s)", tag, exc)
 
 
 signals.task_received.connect(_note_received, weak=False)

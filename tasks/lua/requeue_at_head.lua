@@ -5,15 +5,23 @@
 -- KEYS[3] the queue's list (LPUSH appends at the tail, BRPOP takes from the right = head)
 -- KEYS[4] the task's in-flight record (hash)
 -- KEYS[5] the queue's in-flight index (sorted set: task id -> deadline, ms)
+-- KEYS[6] the queue's receiver records (hash: delivery tag -> worker token)
 -- ARGV[1] delivery tag
 -- ARGV[2] the unacked value the caller read ('' when the caller read none)
 -- ARGV[3] the message to push (the same message, marked redelivered)
 -- ARGV[4] task id (member of the in-flight index)
 -- ARGV[5] owner the in-flight record must still name ('' = do not check)
+-- ARGV[6] '1': move it only if nobody claims it (no in-flight record and no
+-- receiver record): for a message whose receiver is not known
 -- Returns 1 moved to the head; 0 kombu held no copy (already restored or acked):
 -- only the in-flight record was dropped; -1 the record names another owner now
--- (a new worker took the task): nothing done; -2 the unacked value changed since
--- it was read: nothing done, read again.
+-- (a new worker took the task), or with ARGV[6] someone claims it: nothing done;
+-- -2 the unacked value changed since it was read: nothing done, read again.
+if ARGV[6] == '1' then
+    if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('HEXISTS', KEYS[6], ARGV[1]) == 1 then
+        return -1
+    end
+end
 if ARGV[5] ~= '' then
     local owner = redis.call('HGET', KEYS[4], 'owner')
     if owner and owner ~= ARGV[5] then

@@ -1,0 +1,168 @@
+"""The reaper's rules for a many-consumer queue, on a real Redis holding kombu's own layout.
+
+The end-to-end kill tests (test_capacity, test_faults) show these rules at work with real
+workers; here each rule is pinned down on its own, including the narrow case a real kill
+only hits now and then: a worker that died after kombu marked a message unacked but
+before the worker recorded that it had received it.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from beat.reaper import reap
+from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+
+KEYS = Keys()
+MARGIN_MS = 2000
+
+
+@pytest.fixture
+def deliver(redis_client, celery_app):
+    """Publish a callout to ``bulk`` and take it off the queue as kombu's Redis transport does
+    when a worker fetches it: the message leaves the list and lands in the unacked hash and
+    index (scored with the delivery time, in seconds)."""
+    def _deliver(key: str, delivered_s_ago: float) -> tuple[str, str]:
+        celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/x", "idempotency_key": key},
+                             queue="bulk")
+        raw = redis_client.rpop("bulk")
+        message = json.loads(raw)
+        tag = message["properties"]["delivery_tag"]
+        redis_client.zadd(KOMBU_UNACKED_INDEX, {tag: time.time() - delivered_s_ago})
+        redis_client.hset(KOMBU_UNACKED, tag, json.dumps([message, "", "bulk"]))
+        return message["headers"]["id"], tag
+    return _deliver
+
+
+def run_reaper(client):
+    return reap(client, KEYS, queue="serial", margin_ms=MARGIN_MS, bulk_queue="bulk")
+
+
+def queued_ids(client) -> list[str]:
+    """Task ids in the bulk queue, head (next to be taken) first."""
+    return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange("bulk", 0, -1))]
+
+
+def test_unrecorded_message_of_a_dead_receiver_goes_back_to_the_head(redis_client, deliver, celery_app):
+    celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/later"}, queue="bulk")
+    task_id, tag = deliver("lost-in-the-window", delivered_s_ago=MARGIN_MS / 1000 + 1)
+    report = run_reaper(redis_client)
+    assert report.requeued == [task_id]
+    assert queued_ids(redis_client)[0] == task_id  # ahead of the message published before it
+    assert redis_client.hget(KOMBU_UNACKED, tag) is None
+    assert redis_client.zscore(KOMBU_UNACKED_INDEX, tag) is None
+    # a second reaper pass (or a second beat) finds nothing more to do
+    assert run_reaper(redis_client).requeued == []
+    assert queued_ids(redis_client).count(task_id) == 1
+
+
+def test_recent_unrecorded_message_is_left_to_its_receiver(redis_client, deliver):
+    _task_id, tag = deliver("just-fetched", delivered_s_ago=0)
+    assert run_reaper(redis_client).requeued == []
+    assert redis_client.hget(KOMBU_UNACKED, tag) is not None
+    assert redis_client.llen("bulk") == 0
+
+
+def test_message_recorded_by_a_live_worker_is_left_alone(redis_client, deliver):
+    _task_id, tag = deliver("held-by-a-live-worker", delivered_s_ago=60)
+    redis_client.hset(KEYS.reserved("bulk"), tag, "live-token")
+    redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)
+    assert run_reaper(redis_client).requeued == []
+    assert redis_client.hget(KOMBU_UNACKED, tag) is not None
+
+
+def test_message_recorded_by_a_dead_worker_goes_back(redis_client, deliver):
+    task_id, tag = deliver("held-by-a-dead-worker", delivered_s_ago=0)
+    redis_client.hset(KEYS.reserved("bulk"), tag, "dead-token")  # no presence lease: gone
+    assert run_reaper(redis_client).requeued == [task_id]
+    assert queued_ids(redis_client) == [task_id]
+    assert redis_client.hlen(KEYS.reserved("bulk")) == 0
+
+
+def test_unrecorded_message_with_an_attempt_under_way_is_left_alone(redis_client, deliver):
+    task_id, tag = deliver("attempt-running", delivered_s_ago=60)
+    redis_client.hset(KEYS.inflight(task_id), mapping={"owner": "someone", "queue": "bulk"})
+    assert run_reaper(redis_client).requeued == []
+    assert redis_client.hget(KOMBU_UNACKED, tag) is not None
+
+
+# -- messages taken off the queue but not yet recorded (tasks/transport.py) ----------------
+
+def fetch(client, celery_app, queue: str, token: str) -> tuple[str, bytes]:
+    """Publish a callout and take it off ``queue`` into ``token``'s fetch list, as a worker's
+    BLMOVE does; register the fetch list as the worker does on connecting."""
+    celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/x"}, queue=queue)
+    fetch_list = KEYS.fetch_list(queue, token)
+    item = client.lmove(queue, fetch_list, "RIGHT", "LEFT")
+    client.hset(KEYS.fetch_lists, fetch_list, json.dumps({"queue": queue, "token": token}))
+    return json.loads(item)["headers"]["id"], item
+
+
+def test_fetched_message_of_a_dead_bulk_worker_goes_back_to_the_head(redis_client, celery_app):
+    celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/later"}, queue="bulk")
+    task_id, _item = fetch(redis_client, celery_app, "bulk", "dead-token")  # no presence: gone
+    report = run_reaper(redis_client)
+    assert report.requeued == [task_id]
+    assert queued_ids(redis_client)[0] == task_id
+    assert redis_client.llen(KEYS.fetch_list("bulk", "dead-token")) == 0
+    assert redis_client.hlen(KEYS.fetch_lists) == 0  # the dead worker's fetch list is forgotten
+    assert run_reaper(redis_client).requeued == []
+
+
+def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celery_app):
+    _task_id, item = fetch(redis_client, celery_app, "bulk", "live-token")
+    redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)
+    assert run_reaper(redis_client).requeued == []
+    assert redis_client.lrange(KEYS.fetch_list("bulk", "live-token"), 0, -1) == [item]
+
+
+def test_serial_fetch_list_of_a_worker_without_the_guard_goes_back(redis_client, celery_app):
+    from tasks.lease import Lease
+
+    # a live holder of the serial guard, and another worker, still present, that fetched a
+    # message: only the guard holder consumes the serial queue, so that message is an orphan
+    Lease(redis_client, KEYS.guard_name("serial"), keys=KEYS).try_acquire("holder", ttl_ms=30_000)
+    redis_client.set(KEYS.lease(KEYS.presence("former")), "former", px=30_000)
+    task_id, _item = fetch(redis_client, celery_app, "serial", "former")
+    assert run_reaper(redis_client).requeued == [task_id]
+    assert redis_client.llen("serial") == 1
+
+
+def test_a_fetch_given_back_meanwhile_is_not_claimed(redis_client, celery_app):
+    from tasks.fetching import claim
+
+    def claim_it(item) -> bool:
+        message = json.loads(item)
+        tag = message["properties"]["delivery_tag"]
+        return claim(redis_client, fetch_list=KEYS.fetch_list("bulk", "cut-off"), item=item, delivery_tag=tag,
+                     unacked=json.dumps([message, "bulk", "bulk"]))
+
+    task_id, item = fetch(redis_client, celery_app, "bulk", "cut-off")
+    assert run_reaper(redis_client).requeued == [task_id]  # the worker was cut off too long
+    assert claim_it(item) is False
+    assert redis_client.hlen(KOMBU_UNACKED) == 0 and redis_client.llen("bulk") == 1
+    # while a fetch still in its list is claimed: unacked and out of the list in one step
+    _task_id, item2 = fetch(redis_client, celery_app, "bulk", "cut-off")
+    tag2 = json.loads(item2)["properties"]["delivery_tag"]
+    assert claim_it(item2) is True
+    assert redis_client.hexists(KOMBU_UNACKED, tag2) and redis_client.zscore(KOMBU_UNACKED_INDEX, tag2)
+    assert redis_client.llen(KEYS.fetch_list("bulk", "cut-off")) == 0
+
+
+@pytest.mark.parametrize("version, ok", [("7.0.15", True), ("6.2.0", True), ("6.0.16", False),
+                                         ("5.0.7", False), ("255.255.255", True)])
+def test_redis_older_than_6_2_is_refused_with_a_reason(version, ok):
+    from tasks.redis_client import version_problem
+
+    problem = version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        assert version in problem and "6.2" in problem and "BLMOVE" in problem
+
+
+def test_the_test_redis_is_new_enough(redis_client):
+    from tasks.redis_client import version_problem
+
+    assert version_problem(redis_client.info("server")["redis_version"]) is None
