@@ -185,9 +185,12 @@ def reap(queue):
 
     env = _Env()
     q = env.queue(queue)
-    report = reap_once(env.client, env.keys, queue=q, margin_ms=env.s.guard_ttl_ms,
-                       bulk_queue=env.s.bulk_queue if q == env.s.queue else None)
-    console.print(f"reaper on {q!r}: {report.summary()}")
+    # the bulk queue has many consumers and rules of its own: it is reaped with the serial queue
+    serial_q = env.s.queue if q == env.s.bulk_queue else q
+    bulk_q = env.s.bulk_queue if serial_q == env.s.queue else None
+    report = reap_once(env.client, env.keys, queue=serial_q, margin_ms=env.s.guard_ttl_ms, bulk_queue=bulk_q)
+    where = " and ".join(repr(x) for x in (serial_q, bulk_q) if x)
+    console.print(f"reaper on {where}: {report.summary()}")
     for name in report.zombie_leases:
         console.print(f"  cleared zombie lease {name}")
     for tid in report.requeued:

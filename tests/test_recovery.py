@@ -88,6 +88,28 @@ def test_unrecorded_message_with_an_attempt_under_way_is_left_alone(redis_client
     assert redis_client.hget(KOMBU_UNACKED, tag) is not None
 
 
+def test_reap_on_the_bulk_queue_leaves_a_live_workers_waiting_task_alone(redis_client, deliver, base_env):
+    # A live bulk worker received a message and its task waits for a capacity slot: its
+    # in-flight record has no deadline yet. `onelane reap bulk` must apply the bulk rules
+    # (receiver alive: leave it), not the serial ones (deadline passed: requeue).
+    import subprocess
+
+    from tasks.inflight import Inflight, InflightRecord
+    from tests import procs
+
+    task_id, tag = deliver("waiting-for-a-slot", delivered_s_ago=60)
+    redis_client.hset(KEYS.reserved("bulk"), tag, "live-token")
+    redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)
+    Inflight(redis_client, KEYS).record(InflightRecord(
+        task_id=task_id, queue="bulk", resource="acme", owner="live-token", lease="", lease_token="", fence=0,
+        started_ms=0, deadline_ms=0, attempt=1, delivery_tag=tag, host="h", pid=1, kwargs={}))
+    out = subprocess.run([str(procs.VENV_BIN / "onelane"), "reap", "bulk"], env=base_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "0 orphan(s) requeued" in out.stdout
+    assert redis_client.hget(KOMBU_UNACKED, tag) is not None and redis_client.llen("bulk") == 0
+
+
 # -- messages taken off the queue but not yet recorded (tasks/transport.py) ----------------
 
 def fetch(client, celery_app, queue: str, token: str) -> tuple[str, bytes]:
