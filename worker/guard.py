@@ -74,7 +74,12 @@ class GuardService:
 
     # -- start ---------------------------------------------------------------------
     def start(self) -> None:
-        self.serial = self.s.queue in consumed_queues(self.worker)
+        queues = consumed_queues(self.worker)
+        self.serial = self.s.queue in queues
+        if len(queues) > 1:
+            log.warning("onelane: this worker consumes %s; a worker of several queues fetches with kombu's own "
+                        "BRPOP, which can lose a message if the worker is killed mid-fetch. Run one worker per "
+                        "queue (-Q %s, -Q %s)", ", ".join(sorted(queues)), self.s.queue, self.s.bulk_queue)
         if self.serial:
             self._check_configuration()
         try:
