@@ -8,9 +8,12 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -19,15 +22,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS redis-server: its certificate and key, and the CA that signed it."""
+
+    cert: str
+    key: str
+    ca: str
+
+    @classmethod
+    def self_signed(cls, directory: str) -> "TLSFiles":
+        """Make a CA and a certificate for 127.0.0.1/localhost signed by it (needs the openssl command)."""
+        d = Path(directory)
+        ca, ca_key, cert, key, csr = (str(d / n) for n in ("ca.pem", "ca.key", "redis.pem", "redis.key", "redis.csr"))
+        ext = d / "san.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+        def run(*args):
+            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
+            "-subj", "/CN=onelane test CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+        run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+            "-extfile", str(ext))
+        return cls(cert=cert, key=key, ca=ca)
+
+
 class RedisServer:
     """A redis-server child process with its own directory; AOF on by default."""
 
     def __init__(self, *, port: int | None = None, appendonly: bool = True, appendfsync: str = "everysec",
-                 password: str | None = None, workdir: str | None = None):
+                 password: str | None = None, workdir: str | None = None, tls: "TLSFiles | None" = None):
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.password = password
+        self.tls = tls
         self.dir = workdir or tempfile.mkdtemp(prefix="onelane-redis-")
         self._own_dir = workdir is None
         self.proc: subprocess.Popen | None = None
@@ -35,7 +65,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         exe = shutil.which("redis-server")
@@ -50,6 +81,10 @@ class RedisServer:
                 "--logfile", os.path.join(self.dir, "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:  # TLS only: the plain port is closed
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key,
+                     "--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self.wait_ready(timeout_s)
@@ -67,7 +102,11 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                s = raw
+                if self.tls:
+                    ctx = ssl.create_default_context(cafile=self.tls.ca)
+                    s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
                 if self.password:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     s.recv(64)

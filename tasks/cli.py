@@ -16,7 +16,7 @@ from rich.table import Table
 from tasks import flow
 from tasks.errors import ConfigError
 from tasks.keys import Keys
-from tasks.redis_client import client_for, redact_url
+from tasks.redis_client import client_for, connect_hint, redact_url
 from tasks.settings import get_settings
 
 console = Console()
@@ -44,7 +44,7 @@ def _redis_errors(fn):
             return fn(*a, **kw)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             url = redact_url(get_settings().redis_url)
-            raise click.ClickException(f"cannot reach Redis at {url} ({exc}); check REDIS_URL") from None
+            raise click.ClickException(f"cannot reach Redis at {url} ({exc}); {connect_hint(exc)}") from None
     return wrapper
 
 

@@ -6,7 +6,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from tasks.errors import BrokerUnavailable
-from tasks.redis_client import client_for, redact_url
+from tasks.redis_client import client_for, connect_hint, redact_url
 from tasks.settings import get_settings
 from tasks.redaction import redact_kwargs
 from tasks.validation import validate
@@ -37,6 +37,5 @@ def submit(url: str, **kwargs) -> AsyncResult:
         ) from exc
     except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
         raise BrokerUnavailable(
-            f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries ({exc}); "
-            "is redis-server running and is REDIS_URL right?"
+            f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries ({exc}); {connect_hint(exc)}"
         ) from exc

@@ -84,3 +84,16 @@ def version_problem(version: str) -> str | None:
     need = ".".join(map(str, MIN_REDIS_VERSION))
     return (f"Redis {version} is too old: onelane needs Redis {need} or newer (its workers fetch "
             f"messages with BLMOVE). Upgrade the server REDIS_URL points at")
+
+
+def is_tls_verify_failure(exc: BaseException) -> bool:
+    """Did the connection fail because the server's TLS certificate could not be verified?"""
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def connect_hint(exc: BaseException) -> str:
+    """What to check after a failed connection, in the user's terms."""
+    if is_tls_verify_failure(exc):
+        return ("the server's TLS certificate could not be verified: for a private CA set "
+                "ONELANE_REDIS_CA_CERTS=/path/to/ca.pem")
+    return "is redis-server running, and is REDIS_URL right?"

@@ -210,3 +210,36 @@ def test_oversized_message_refused_by_submit_and_failed_fast_by_the_worker(base_
     assert api.snapshot() == []
     [entry] = Ledger(redis_client, KEYS, window_s=60).dead_letters("serial")
     assert len(json.dumps(entry)) < 10_000
+
+
+def test_tls_redis_carries_broker_results_and_leases(base_env, api, start, tmp_path):
+    from demo.redis_server import TLSFiles
+
+    tls = TLSFiles.self_signed(str(tmp_path))
+    with RedisServer(tls=tls) as server:
+        assert server.url.startswith("rediss://")
+        env = {**base_env, "REDIS_URL": server.url, "ONELANE_REDIS_CA_CERTS": tls.ca}
+        w = start(procs.worker(env, "tls"))
+        # a producer publishes and waits for the result over TLS; the worker fetched it and
+        # took the resource lease over TLS
+        code = (f"import tasks\nr = tasks.submit({api.url + '/tls'!r}, idempotency_key='over-tls')\n"
+                "print(r.get(timeout=30)['fencing_token'])\n")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        [call] = api.snapshot()
+        assert call.key == "over-tls" and int(out.stdout.strip()) == call.fence >= 1
+        status = subprocess.run([str(procs.VENV_BIN / "onelane"), "status", "--json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert json.loads(status.stdout)["guard"]["pid"] == w.pid
+        # without the CA the server's certificate cannot be verified, and the error says so
+        no_ca = {k: v for k, v in env.items() if k != "ONELANE_REDIS_CA_CERTS"}
+        refused = subprocess.run([str(procs.VENV_BIN / "onelane"), "status"], env=no_ca, capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0
+        said = refused.stdout + refused.stderr
+        assert "certificate" in said.lower() and "ONELANE_REDIS_CA_CERTS" in said
+        # and a worker without it stops at once (a certificate does not heal by waiting)
+        lost = procs.worker(no_ca, "no-ca")
+        start(lost, wait_ready=False)
+        wait_for(lambda: lost.proc.poll() is not None, 20, what="the worker without the CA to exit")
+        assert lost.proc.returncode != 0 and "ONELANE_REDIS_CA_CERTS" in lost.log()

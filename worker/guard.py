@@ -36,7 +36,8 @@ from tasks.flow import promote_due
 from tasks.keys import Keys
 from tasks.lease import Grant, Lease
 from tasks.recovery import wait_and_requeue_orphans
-from tasks.redis_client import client_for, exposure_warning, redact_url, version_problem
+from tasks.redis_client import (client_for, connect_hint, exposure_warning, is_tls_verify_failure, redact_url,
+                                 version_problem)
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class GuardService:
                 "check the password in REDIS_URL (redis://:password@host:6379/0)") from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise OnelaneError(
-                f"onelane: cannot reach Redis at {redact_url(self.s.redis_url)} ({exc}); is it running, "
-                "and is REDIS_URL right?") from None
+                f"onelane: cannot reach Redis at {redact_url(self.s.redis_url)} ({exc}); {connect_hint(exc)}"
+            ) from None
         problem = version_problem(str(self.client.info("server").get("redis_version", "")))
         if problem:
             raise OnelaneError(f"onelane: {problem}")
@@ -151,7 +152,7 @@ class GuardService:
             except redis.AuthenticationError:
                 raise
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() > give_up or self._stopping():
+                if time.monotonic() > give_up or self._stopping() or is_tls_verify_failure(exc):
                     raise
                 log.warning("onelane: waiting for Redis at %s (%s)", redact_url(self.s.redis_url), exc)
                 time.sleep(1.0)
