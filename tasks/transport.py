@@ -15,6 +15,9 @@ was given back while it was cut off from Redis does not deliver it (the claim fa
 It applies to a worker consuming one of onelane's queues (serial or bulk) alone; anything
 else — Celery's reply queues, a consumer of several queues — keeps kombu's fetch unchanged.
 Messages are published and consumed at priority 0 only (one list per queue).
+
+It overrides two internal methods of kombu's Redis channel (``_brpop_start`` and
+``_brpop_read``), so pyproject.toml requires the kombu line the test suite runs on.
 """
 from __future__ import annotations
 
@@ -66,13 +69,13 @@ class Channel(kombu_redis.Channel):
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
         plan = self._fetch_list_for(queues) if queues else None
-        if plan is None:
-            return super()._brpop_start(timeout)
+        if plan is None:  # kombu's own fetch, with kombu's own default timeout
+            return super()._brpop_start() if timeout is None else super()._brpop_start(timeout)
         queue, fetch_list = plan
         if self._fetch_ready != fetch_list:
             self._prepare(queue, fetch_list)
         if timeout is None:
-            timeout = self.brpop_timeout
+            timeout = getattr(self, "brpop_timeout", 1)  # a setting in newer kombu; 5.4 used 1 s
         self._fetch = plan
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
