@@ -69,13 +69,13 @@ class Channel(kombu_redis.Channel):
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
         plan = self._fetch_list_for(queues) if queues else None
-        if plan is None:  # kombu's own fetch, with kombu's own default timeout
-            return super()._brpop_start() if timeout is None else super()._brpop_start(timeout)
+        if plan is None:  # kombu's own fetch
+            return super()._brpop_start(timeout)
         queue, fetch_list = plan
         if self._fetch_ready != fetch_list:
             self._prepare(queue, fetch_list)
         if timeout is None:
-            timeout = getattr(self, "brpop_timeout", 1)  # a setting in newer kombu; 5.4 used 1 s
+            timeout = self.brpop_timeout
         self._fetch = plan
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
@@ -107,9 +107,7 @@ class Channel(kombu_redis.Channel):
             return True
         finally:
             self._in_poll = None
-            flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
-            if flush is not None:
-                flush()
+            self._flush_brpop_reauth()
 
     # -- the fetch list --------------------------------------------------------------
     def _client(self):
