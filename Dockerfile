@@ -2,11 +2,12 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY onelane ./onelane
+RUN pip install --no-cache-dir .
+# the Celery entry points of the project root (`celery -A tasks ...`), not installed
 COPY tasks ./tasks
 COPY worker ./worker
 COPY beat ./beat
-COPY demo ./demo
-RUN pip install --no-cache-dir .
 # Celery refuses to run as root without this; run as an unprivileged user instead.
 RUN useradd --create-home onelane
 USER onelane

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: help install test demo worker beat flower flower-auth up bench clean
+.PHONY: help install test test-fast demo worker beat flower flower-auth up bench clean
 
 help:
 	@echo "make demo    run the main job: many producers, one worker, a fragile API, a summary"
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the inner loop: pure logic and the private Redis, no celery processes (under a minute)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "unit or redis"
 
 demo: $(STAMP)
 	$(BIN)/python -m demo.run

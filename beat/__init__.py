@@ -1,1 +1,1 @@
-"""Beat-side parts of onelane: the reaper and the scheduler that runs it in-process."""
+"""Beat entry points: the scheduler that runs onelane's reaper inside beat."""

@@ -1,43 +1,7 @@
-"""A beat scheduler that runs onelane's own entries inside the beat process.
+"""The beat scheduler, for configurations that name it as ``beat.scheduler:OnelaneScheduler``.
 
-A reaper sent as a task would wait behind the callout it is meant to rescue (the
-serial worker runs one message at a time), so entries named ``onelane.*`` run
-here, in beat, and never touch a queue. Other entries are sent as usual. State is
-kept in memory (no schedule file), so two beats can run side by side.
+onelane's app sets it itself (``onelane.delivery.scheduler:OnelaneScheduler``); this is the same class.
 """
-from __future__ import annotations
+from onelane.delivery.scheduler import OnelaneScheduler, run_reaper
 
-import logging
-
-from celery.beat import Scheduler
-
-from beat.reaper import reap
-from tasks.celery import REAPER_ENTRY
-from tasks.keys import Keys
-from tasks.redis_client import client_for
-from tasks.settings import get_settings
-
-log = logging.getLogger(__name__)
-
-
-def run_reaper():
-    s = get_settings()
-    report = reap(client_for(s), Keys(s.key_prefix), queue=s.queue, margin_ms=s.guard_ttl_ms,
-                    bulk_queue=s.bulk_queue)
-    if report:
-        log.warning("onelane: reaper: %s", report.summary())
-    return report
-
-
-LOCAL_ENTRIES = {REAPER_ENTRY: run_reaper}
-
-
-class OnelaneScheduler(Scheduler):
-    def apply_entry(self, entry, producer=None):
-        local = LOCAL_ENTRIES.get(entry.task)
-        if local is None:
-            return super().apply_entry(entry, producer=producer)
-        try:
-            local()
-        except Exception as exc:  # Redis away: log and try again at the next tick
-            log.error("onelane: %s failed: %s", entry.task, exc)
+__all__ = ["OnelaneScheduler", "run_reaper"]

@@ -284,8 +284,7 @@ class Demo:
     # the run ---------------------------------------------------------------------------------
     def run(self) -> int:
         from celery import Celery
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         a = self.args
         started = time.monotonic()

@@ -1,7 +1,9 @@
-"""onelane: Celery + Redis callouts to fragile HTTP APIs, one at a time.
+"""The Celery entry point in the project root: ``celery -A tasks worker -Q serial`` finds ``tasks.app``.
 
-Public names: ``app`` (the Celery app), ``submit`` and ``callout``. They are loaded
-lazily, so importing a primitive such as ``tasks.lease`` never builds the app.
+A thin shim over the installed library (``onelane``), kept so the commands in the README,
+the Makefile and the compose file work from the project root. Names are loaded lazily:
+``tasks.app`` (the Celery app), ``tasks.submit`` and ``tasks.submit_many`` (the same
+functions as ``onelane.submit`` and ``onelane.submit_many``), ``tasks.callout`` (the task).
 """
 from __future__ import annotations
 
@@ -9,20 +11,12 @@ __all__ = ["app", "submit", "submit_many", "callout"]
 
 
 def __getattr__(name: str):
-    if name == "app":
-        from tasks.celery import app
+    if name in ("app", "submit", "submit_many"):
+        import onelane
 
-        return app
-    if name == "submit":
-        from tasks.producer import submit
-
-        return submit
-    if name == "submit_many":
-        from tasks.batches import submit_many
-
-        return submit_many
+        return getattr(onelane, name)
     if name == "callout":
-        from tasks.callout_task import callout
+        from onelane.task import callout
 
         return callout
     raise AttributeError(f"module 'tasks' has no attribute {name!r}")

@@ -28,6 +28,17 @@ os.environ["ONELANE_BACKOFF_MAX"] = "1"
 os.environ["ONELANE_ALLOW_PRIVATE_NETWORKS"] = "1"
 
 
+TIERS = ("unit", "redis", "e2e", "soak")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier, so `make test-fast` (unit + redis) is honest."""
+    bad = [item.nodeid for item in items
+           if len({m.name for m in item.iter_markers() if m.name in TIERS}) != 1]
+    if bad:
+        raise pytest.UsageError(f"tests without exactly one tier marker ({', '.join(TIERS)}): {', '.join(bad)}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     _SESSION_REDIS.close()
 

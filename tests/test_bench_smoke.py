@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import procs
+
+pytestmark = pytest.mark.e2e
 
 
 def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):

@@ -7,11 +7,14 @@ import statistics
 import threading
 import time
 
+import pytest
 
-from tasks.batches import batch_status, submit_many
-from tasks.keys import Keys
+from onelane.core.keys import Keys
+from onelane.ops.batches import batch_status, submit_many
 from tests import procs
 from tests.procs import wait_for
+
+pytestmark = pytest.mark.e2e
 
 KEYS = Keys()
 

@@ -6,9 +6,11 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from demo.fragile_api import Reply
-from tasks.keys import Keys
-from tasks.lease import Lease
+from onelane.coordination.lease import Lease
+from onelane.core.keys import Keys
 from tests import procs
 from tests.procs import wait_for
 
@@ -19,6 +21,7 @@ def cli(env, *args):
     return subprocess.run([ONELANE, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.e2e
 def test_status_shows_the_callout_in_flight_guard_standby_and_leases(base_env, redis_client, api, start,
                                                                     celery_app):
     w = start(procs.worker(base_env, "w1"))
@@ -48,6 +51,7 @@ def test_status_shows_the_callout_in_flight_guard_standby_and_leases(base_env, r
     r.get(timeout=20)
 
 
+@pytest.mark.redis
 def test_reap_says_what_it_cleared(base_env, redis_client):
     keys = Keys()
     Lease(redis_client, "resource:gone", keys=keys).try_acquire("dead", ttl_ms=50)
@@ -59,6 +63,7 @@ def test_reap_says_what_it_cleared(base_env, redis_client):
     assert "0 zombie lease(s) cleared" in again.stdout
 
 
+@pytest.mark.redis
 def test_watch_refreshes_and_leaves_cleanly_on_ctrl_c(base_env, redis_client):
     p = subprocess.Popen([ONELANE, "watch", "--interval", "0.2"], env=base_env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)

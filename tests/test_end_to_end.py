@@ -1,12 +1,14 @@
 """End to end: many producer processes, one real worker, the fragile API."""
 from __future__ import annotations
 
-
+import pytest
 from celery.result import AsyncResult
 
 from tests import procs
 from tests.procs import wait_for
 from tests.producer_proc import Producers
+
+pytestmark = pytest.mark.e2e
 
 CONTRACT_FIELDS = {"status_code", "headers", "elapsed_ms", "attempts", "fencing_token"}
 
@@ -42,7 +44,7 @@ def test_200_callouts_from_4_producers_run_one_at_a_time_in_order(base_env, redi
         assert ("json" in res) or ("body" in res)
         assert res["status_code"] == 200 and res["attempts"] == 1
     assert sorted(r["fencing_token"] for r in results.values()) == sorted(fences)
-    # the worker fetched through its own fetch list (tasks/transport.py), now empty, and
+    # the worker fetched through its own fetch list (onelane/delivery/transport.py), now empty, and
     # every message it recorded as unacked was acknowledged
     [(fetch_list, owner)] = redis_client.hgetall("onelane:fetching").items()
     assert fetch_list.startswith(b"onelane:fetching:serial:") and b'"queue": "serial"' in owner

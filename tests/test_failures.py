@@ -8,10 +8,12 @@ import time
 import pytest
 
 from demo.fragile_api import Reply
-from tasks.keys import Keys
-from tasks.ledger import Ledger
+from onelane.callout.ledger import Ledger
+from onelane.core.keys import Keys
 from tests import procs
 from tests.procs import wait_for
+
+pytestmark = pytest.mark.e2e
 
 KEYS = Keys()
 ONELANE = str(procs.VENV_BIN / "onelane")

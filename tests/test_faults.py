@@ -15,10 +15,12 @@ from celery import Celery
 
 from demo.fragile_api import Reply
 from demo.redis_server import RedisServer
-from tasks.keys import Keys
-from tasks.lease import Lease
+from onelane.coordination.lease import Lease
+from onelane.core.keys import Keys
 from tests import procs
 from tests.procs import wait_for
+
+pytestmark = pytest.mark.e2e
 
 KEYS = Keys()
 
@@ -145,8 +147,8 @@ def test_second_worker_refused_and_standby_takes_over(base_env, redis_client, ap
 
 _HOLDER = """
 import sys, time, redis
-from tasks.keys import Keys
-from tasks.lease import Lease
+from onelane.core.keys import Keys
+from onelane.coordination.lease import Lease
 c = redis.Redis.from_url(sys.argv[1])
 g = Lease(c, sys.argv[2], keys=Keys()).try_acquire("zombie-token", ttl_ms=int(sys.argv[3]))
 print("held", g.fence, flush=True)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import ast
 import socket
 
+import pytest
 import requests
 from celery.result import AsyncResult
 
 from demo.redis_server import free_port
 from tests import procs
 from tests.procs import wait_for
+
+pytestmark = pytest.mark.e2e
 
 AUTH = ("ops", "s3cret-flower")
 SECRET = "Bearer not-for-flower"

@@ -9,10 +9,13 @@ import time
 
 import pytest
 
-from tasks.errors import LeaseBusy, LeaseNotHeld
-from tasks.keys import Keys
-from tasks.lease import Grant, Holder, Lease, new_token, redis_now_ms
+from onelane.coordination.lease import Grant, Holder, Lease, new_token
+from onelane.core.clock import redis_now_ms
+from onelane.core.errors import LeaseBusy, LeaseNotHeld
+from onelane.core.keys import Keys
 from tests.procs import wait_for
+
+pytestmark = pytest.mark.redis
 
 KEYS = Keys()
 NAME = "resource:test"

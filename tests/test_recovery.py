@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from beat.reaper import reap
-from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+from onelane.delivery.reaper import reap
 
 KEYS = Keys()
 MARGIN_MS = 2000
@@ -45,6 +45,7 @@ def queued_ids(client) -> list[str]:
     return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange("bulk", 0, -1))]
 
 
+@pytest.mark.redis
 def test_unrecorded_message_of_a_dead_receiver_goes_back_to_the_head(redis_client, deliver, celery_app):
     celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/later"}, queue="bulk")
     task_id, tag = deliver("lost-in-the-window", delivered_s_ago=MARGIN_MS / 1000 + 1)
@@ -58,6 +59,7 @@ def test_unrecorded_message_of_a_dead_receiver_goes_back_to_the_head(redis_clien
     assert queued_ids(redis_client).count(task_id) == 1
 
 
+@pytest.mark.redis
 def test_recent_unrecorded_message_is_left_to_its_receiver(redis_client, deliver):
     _task_id, tag = deliver("just-fetched", delivered_s_ago=0)
     assert run_reaper(redis_client).requeued == []
@@ -65,6 +67,7 @@ def test_recent_unrecorded_message_is_left_to_its_receiver(redis_client, deliver
     assert redis_client.llen("bulk") == 0
 
 
+@pytest.mark.redis
 def test_message_recorded_by_a_live_worker_is_left_alone(redis_client, deliver):
     _task_id, tag = deliver("held-by-a-live-worker", delivered_s_ago=60)
     redis_client.hset(KEYS.reserved("bulk"), tag, "live-token")
@@ -73,6 +76,7 @@ def test_message_recorded_by_a_live_worker_is_left_alone(redis_client, deliver):
     assert redis_client.hget(KOMBU_UNACKED, tag) is not None
 
 
+@pytest.mark.redis
 def test_message_recorded_by_a_dead_worker_goes_back(redis_client, deliver):
     task_id, tag = deliver("held-by-a-dead-worker", delivered_s_ago=0)
     redis_client.hset(KEYS.reserved("bulk"), tag, "dead-token")  # no presence lease: gone
@@ -81,6 +85,7 @@ def test_message_recorded_by_a_dead_worker_goes_back(redis_client, deliver):
     assert redis_client.hlen(KEYS.reserved("bulk")) == 0
 
 
+@pytest.mark.redis
 def test_unrecorded_message_with_an_attempt_under_way_is_left_alone(redis_client, deliver):
     task_id, tag = deliver("attempt-running", delivered_s_ago=60)
     redis_client.hset(KEYS.inflight(task_id), mapping={"owner": "someone", "queue": "bulk"})
@@ -88,13 +93,14 @@ def test_unrecorded_message_with_an_attempt_under_way_is_left_alone(redis_client
     assert redis_client.hget(KOMBU_UNACKED, tag) is not None
 
 
+@pytest.mark.redis
 def test_reap_on_the_bulk_queue_leaves_a_live_workers_waiting_task_alone(redis_client, deliver, base_env):
     # A live bulk worker received a message and its task waits for a capacity slot: its
     # in-flight record has no deadline yet. `onelane reap bulk` must apply the bulk rules
     # (receiver alive: leave it), not the serial ones (deadline passed: requeue).
     import subprocess
 
-    from tasks.inflight import Inflight, InflightRecord
+    from onelane.delivery.inflight import Inflight, InflightRecord
     from tests import procs
 
     task_id, tag = deliver("waiting-for-a-slot", delivered_s_ago=60)
@@ -110,7 +116,7 @@ def test_reap_on_the_bulk_queue_leaves_a_live_workers_waiting_task_alone(redis_c
     assert redis_client.hget(KOMBU_UNACKED, tag) is not None and redis_client.llen("bulk") == 0
 
 
-# -- messages taken off the queue but not yet recorded (tasks/transport.py) ----------------
+# -- messages taken off the queue but not yet recorded (onelane/delivery/transport.py) ----------------
 
 def fetch(client, celery_app, queue: str, token: str) -> tuple[str, bytes]:
     """Publish a callout and take it off ``queue`` into ``token``'s fetch list, as a worker's
@@ -122,6 +128,7 @@ def fetch(client, celery_app, queue: str, token: str) -> tuple[str, bytes]:
     return json.loads(item)["headers"]["id"], item
 
 
+@pytest.mark.redis
 def test_fetched_message_of_a_dead_bulk_worker_goes_back_to_the_head(redis_client, celery_app):
     celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/later"}, queue="bulk")
     task_id, _item = fetch(redis_client, celery_app, "bulk", "dead-token")  # no presence: gone
@@ -133,6 +140,7 @@ def test_fetched_message_of_a_dead_bulk_worker_goes_back_to_the_head(redis_clien
     assert run_reaper(redis_client).requeued == []
 
 
+@pytest.mark.redis
 def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celery_app):
     _task_id, item = fetch(redis_client, celery_app, "bulk", "live-token")
     redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)
@@ -140,8 +148,9 @@ def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celer
     assert redis_client.lrange(KEYS.fetch_list("bulk", "live-token"), 0, -1) == [item]
 
 
+@pytest.mark.redis
 def test_serial_fetch_list_of_a_worker_without_the_guard_goes_back(redis_client, celery_app):
-    from tasks.lease import Lease
+    from onelane.coordination.lease import Lease
 
     # a live holder of the serial guard, and another worker, still present, that fetched a
     # message: only the guard holder consumes the serial queue, so that message is an orphan
@@ -152,8 +161,9 @@ def test_serial_fetch_list_of_a_worker_without_the_guard_goes_back(redis_client,
     assert redis_client.llen("serial") == 1
 
 
+@pytest.mark.redis
 def test_a_fetch_given_back_meanwhile_is_not_claimed(redis_client, celery_app):
-    from tasks.fetching import claim
+    from onelane.delivery.fetching import claim
 
     def claim_it(item) -> bool:
         message = json.loads(item)
@@ -173,10 +183,11 @@ def test_a_fetch_given_back_meanwhile_is_not_claimed(redis_client, celery_app):
     assert redis_client.llen(KEYS.fetch_list("bulk", "cut-off")) == 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("version, ok", [("7.0.15", True), ("6.2.0", True), ("6.0.16", False),
                                          ("5.0.7", False), ("255.255.255", True)])
 def test_redis_older_than_6_2_is_refused_with_a_reason(version, ok):
-    from tasks.redis_client import version_problem
+    from onelane.core.clients import version_problem
 
     problem = version_problem(version)
     assert (problem is None) == ok
@@ -184,7 +195,8 @@ def test_redis_older_than_6_2_is_refused_with_a_reason(version, ok):
         assert version in problem and "6.2" in problem and "BLMOVE" in problem
 
 
+@pytest.mark.redis
 def test_the_test_redis_is_new_enough(redis_client):
-    from tasks.redis_client import version_problem
+    from onelane.core.clients import version_problem
 
     assert version_problem(redis_client.info("server")["redis_version"]) is None

@@ -1,14 +1,16 @@
-"""Pure logic of tasks/retry_policy.py: full-jitter backoff, Retry-After, retryable statuses."""
+"""Pure logic of onelane/callout/classify.py: full-jitter backoff, Retry-After, retryable statuses."""
 from __future__ import annotations
 
 import random
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import pytest
 
-from tasks.retry_policy import RETRYABLE_STATUSES, backoff_s, is_retryable_status, retry_after_s
-from tasks.settings import Settings
+from onelane.callout.classify import RETRYABLE_STATUSES, backoff_s, is_retryable_status, retry_after_s
+from onelane.core.settings import Settings
+
+pytestmark = pytest.mark.unit
 
 NOW = 1_700_000_000.0  # a whole second, so HTTP dates (1 s resolution) compare exactly
 

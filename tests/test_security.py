@@ -10,11 +10,11 @@ from celery import Celery
 
 from demo.fragile_api import FragileAPI, Reply
 from demo.redis_server import RedisServer
-from tasks import http
-from tasks.egress import EgressPolicy
-from tasks.errors import EgressRefused
-from tasks.keys import Keys
-from tasks.ledger import Ledger
+from onelane.callout import http
+from onelane.callout.egress import EgressPolicy
+from onelane.callout.ledger import Ledger
+from onelane.core.errors import EgressRefused
+from onelane.core.keys import Keys
 from tests import procs
 from tests.procs import wait_for
 
@@ -43,6 +43,7 @@ def send(app, url, **kw):
     return app.send_task("tasks.callout", kwargs={"url": url, **kw}, queue="serial")
 
 
+@pytest.mark.e2e
 def test_allowlist_passes_listed_host_and_refuses_others_before_connecting(base_env, redis_client, api, start,
                                                                           celery_app):
     with FragileAPI() as other:
@@ -63,6 +64,7 @@ def test_allowlist_passes_listed_host_and_refuses_others_before_connecting(base_
     lambda api: "http://169.254.169.254/latest/meta-data/",
     lambda api: "http://10.1.2.3/private",
 ])
+@pytest.mark.e2e
 def test_private_addresses_refused_unless_allowed(base_env, redis_client, api, start, celery_app, url_of):
     env = {**base_env, "ONELANE_ALLOW_PRIVATE_NETWORKS": "0"}
     start(procs.worker(env))
@@ -73,6 +75,7 @@ def test_private_addresses_refused_unless_allowed(base_env, redis_client, api, s
     assert api.snapshot() == []
 
 
+@pytest.mark.unit
 def test_a_redirect_cannot_reach_a_refused_address(api):
     # Given a policy that treats the first server as public and everything else as private
     with FragileAPI() as inner:
@@ -91,6 +94,7 @@ def test_a_redirect_cannot_reach_a_refused_address(api):
         assert inner.snapshot() == []
 
 
+@pytest.mark.e2e
 def test_worker_side_credentials_reach_the_api_and_nothing_else(base_env, redis_client, api, start, celery_app,
                                                                 tmp_path):
     secret = "Bearer s3cret-worker-token"
@@ -111,6 +115,7 @@ def test_worker_side_credentials_reach_the_api_and_nothing_else(base_env, redis_
     assert "s3cret-worker-token" not in w.log()
 
 
+@pytest.mark.e2e
 def test_caller_supplied_authorization_is_masked_where_shown_or_stored(base_env, redis_client, api, start,
                                                                       celery_app):
     import tasks
@@ -134,6 +139,7 @@ def test_caller_supplied_authorization_is_masked_where_shown_or_stored(base_env,
     assert res["headers"]["Set-Cookie"] == "***"
 
 
+@pytest.mark.e2e
 def test_kwargsrepr_shown_by_events_is_masked(base_env, redis_client, api, start, celery_app):
     # a plain send_task producer puts the raw header in kwargsrepr; the worker's events mask it
     start(procs.worker(base_env))
@@ -163,6 +169,7 @@ def test_kwargsrepr_shown_by_events_is_masked(base_env, redis_client, api, start
     assert "k-e-y-secret" not in events[0]["kwargs"] and "***" in events[0]["kwargs"]
 
 
+@pytest.mark.e2e
 def test_password_protected_redis_works_and_a_wrong_password_is_named(base_env, api, start, tmp_path):
     with RedisServer(password="pw-123") as server:
         env = {**base_env, "REDIS_URL": server.url}
@@ -181,6 +188,7 @@ def test_password_protected_redis_works_and_a_wrong_password_is_named(base_env, 
         assert "refused the password" in out.stdout and "nope" not in out.stdout
 
 
+@pytest.mark.e2e
 def test_pickle_message_is_rejected_and_never_runs(base_env, redis_client, api, start, celery_app):
     w = start(procs.worker(base_env))
     evil = Celery(broker=base_env["REDIS_URL"])
@@ -191,6 +199,7 @@ def test_pickle_message_is_rejected_and_never_runs(base_env, redis_client, api, 
     wait_for(lambda: "pickle" in w.log().lower(), 10, what="the refusal in the worker log")
 
 
+@pytest.mark.e2e
 def test_oversized_message_refused_by_submit_and_failed_fast_by_the_worker(base_env, redis_client, api, start,
                                                                           celery_app):
     import tasks
@@ -212,6 +221,7 @@ def test_oversized_message_refused_by_submit_and_failed_fast_by_the_worker(base_
     assert len(json.dumps(entry)) < 10_000
 
 
+@pytest.mark.e2e
 def test_tls_redis_carries_broker_results_and_leases(base_env, api, start, tmp_path):
     from demo.redis_server import TLSFiles
 

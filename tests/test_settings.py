@@ -5,11 +5,12 @@ import subprocess
 
 import pytest
 
-from tasks.errors import ConfigError, OnelaneError
-from tasks.settings import MAX_CALLOUT_TIMEOUT_S, Settings, load_settings
+from onelane.core.errors import ConfigError, OnelaneError
+from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S, Settings, load_settings
 from tests import procs
 
 
+@pytest.mark.unit
 def test_an_empty_environment_gives_the_documented_defaults():
     s = load_settings({})
     assert s.redis_url == "redis://localhost:6379/0"
@@ -28,6 +29,7 @@ def test_an_empty_environment_gives_the_documented_defaults():
     assert s == Settings()
 
 
+@pytest.mark.unit
 def test_good_values_are_read_and_typed():
     s = load_settings({
         "REDIS_URL": "redis://example:6390/2", "ONELANE_QUEUE": "calls.v2", "ONELANE_CALLOUT_TIMEOUT": "12.5",
@@ -40,11 +42,13 @@ def test_good_values_are_read_and_typed():
     assert s.backoff_base_s == s.backoff_max_s == 0.5
 
 
+@pytest.mark.unit
 def test_blank_values_mean_the_default():
     s = load_settings({"ONELANE_CALLOUT_TIMEOUT": "  ", "ONELANE_MAX_ATTEMPTS": "", "REDIS_URL": ""})
     assert s.callout_timeout_s == 60.0 and s.max_attempts == 5 and s.redis_url == Settings.redis_url
 
 
+@pytest.mark.unit
 def test_the_longest_allowed_callout_timeout_is_accepted():
     assert load_settings({"ONELANE_CALLOUT_TIMEOUT": str(MAX_CALLOUT_TIMEOUT_S)}).callout_timeout_s == 3600.0
 
@@ -69,6 +73,7 @@ BAD = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("env, variable", BAD, ids=[f"{v}={e.get(v)!r}" for e, v in BAD])
 def test_a_bad_value_raises_config_error_naming_the_variable(env, variable):
     with pytest.raises(ConfigError) as info:
@@ -78,12 +83,14 @@ def test_a_bad_value_raises_config_error_naming_the_variable(env, variable):
     assert isinstance(info.value, ValueError) and isinstance(info.value, OnelaneError)
 
 
+@pytest.mark.unit
 def test_backoff_relation_names_both_values():
     with pytest.raises(ConfigError) as info:
         load_settings({"ONELANE_BACKOFF_BASE": "5", "ONELANE_BACKOFF_MAX": "2"})
     assert "ONELANE_BACKOFF_MAX=2" in str(info.value) and "ONELANE_BACKOFF_BASE=5" in str(info.value)
 
 
+@pytest.mark.unit
 def test_a_low_visibility_timeout_message_names_the_limit():
     s = Settings()
     with pytest.raises(ConfigError) as info:
@@ -94,6 +101,7 @@ def test_a_low_visibility_timeout_message_names_the_limit():
     assert ok.effective_visibility_timeout_s == s.longest_unacked_s() + 1
 
 
+@pytest.mark.e2e
 def test_a_worker_with_a_bad_setting_exits_non_zero_naming_the_variable(base_env):
     # Given the public worker command and a malformed setting
     env = {**base_env, "ONELANE_CALLOUT_TIMEOUT": "abc"}

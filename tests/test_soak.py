@@ -8,10 +8,10 @@ import time
 import pytest
 from celery.result import AsyncResult
 
-from tasks.keys import Keys
+from onelane.core.keys import Keys
 from tests import procs
-from tests.producer_proc import Producers
 from tests.procs import wait_for
+from tests.producer_proc import Producers
 
 pytestmark = pytest.mark.soak
 

@@ -8,10 +8,10 @@ import json
 import pytest
 
 import tasks
-from tasks.errors import CalloutRejected, ValidationError
-from tasks.keys import Keys
-from tasks.ledger import Ledger
-from tasks.validation import validate
+from onelane.callout.ledger import Ledger
+from onelane.callout.validation import validate
+from onelane.core.errors import CalloutRejected, ValidationError
+from onelane.core.keys import Keys
 from tests import procs
 
 KEYS = Keys()
@@ -69,6 +69,7 @@ def _queued(client) -> int:
 
 # -- through tasks.submit ----------------------------------------------------------------------
 
+@pytest.mark.redis
 @pytest.mark.parametrize("kwargs, field", [(k, f) for _, k, f in BAD + BAD_SUBMIT_ONLY],
                          ids=[c for c, _, _ in BAD + BAD_SUBMIT_ONLY])
 def test_submit_refuses_bad_input_naming_the_field(kwargs, field, redis_client):
@@ -84,6 +85,7 @@ def test_submit_refuses_bad_input_naming_the_field(kwargs, field, redis_client):
     assert _queued(redis_client) == 0
 
 
+@pytest.mark.unit
 def test_submit_and_validate_give_the_same_message():
     kwargs = {"url": "http://api.example/x", "timeout": -1}
     with pytest.raises(ValidationError) as by_validate:
@@ -94,6 +96,7 @@ def test_submit_and_validate_give_the_same_message():
     assert "(0, 3600] seconds" in str(by_submit.value)
 
 
+@pytest.mark.unit
 def test_validate_normalises_good_input():
     req = validate({"url": "https://api.example/v1", "method": "put", "timeout": 5, "json": {"a": [1, 2]},
                     "headers": {"X-Trace": "t"}, "params": {"q": "x", "n": 3}, "resource": "acme",
@@ -120,12 +123,14 @@ def test_validate_normalises_good_input():
     ({"headers": {"X-Pr\u00efce": "10"}}, "headers"),
     ({"idempotency_key": "\u043a\u043b\u044e\u0447"}, "idempotency_key"),
 ], ids=["header-value-not-latin1", "header-name-not-ascii", "idempotency-key-not-latin1"])
+@pytest.mark.unit
 def test_header_text_http_cannot_encode_is_refused(kwargs, field):
     with pytest.raises(ValidationError) as info:
         validate({"url": "http://api.example/x", **kwargs})
     assert info.value.field == field
 
 
+@pytest.mark.unit
 def test_latin1_header_values_are_accepted():
     req = validate({"url": "http://api.example/x", "headers": {"X-Name": "Ren\u00e9e"},
                     "idempotency_key": "caf\u00e9"})
@@ -146,6 +151,7 @@ def _published_kwargs(client) -> list[dict]:
     return out
 
 
+@pytest.mark.redis
 def test_submit_publishes_the_normalised_kwargs(redis_client):
     # Given no worker, so the message stays in the queue where we can read it
     result = tasks.submit("http://api.example/v1", method="patch", timeout=7, json={"n": 1})
@@ -161,6 +167,7 @@ def test_submit_publishes_the_normalised_kwargs(redis_client):
 
 # -- through plain send_task, with a real worker -----------------------------------------------
 
+@pytest.mark.e2e
 def test_send_task_bad_input_fails_at_once_is_dead_lettered_and_the_queue_moves_on(
         base_env, redis_client, api, start, celery_app):
     # Given one real worker on the serial queue

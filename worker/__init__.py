@@ -1,1 +1,1 @@
-"""Worker-side parts of onelane: the guard that keeps one consumer per serial queue."""
+"""Worker entry points: the bootstep that guards each lane (see :mod:`onelane.delivery.guard`)."""

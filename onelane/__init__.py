@@ -1,0 +1,35 @@
+"""onelane: Celery + Redis callouts to fragile HTTP APIs, one at a time (or at most N).
+
+Public names, loaded lazily so that importing a primitive (``onelane.coordination.lease``)
+never builds the Celery app:
+
+* :func:`submit` — validate one callout and publish it;
+* :func:`submit_many` — publish a big batch to the bulk queue, with progress;
+* ``app`` — the Celery app (``celery -A onelane worker``, or ``-A tasks`` from the project root).
+
+The layers, each importing only those before it: ``core`` (settings, keys, errors,
+clients) → ``coordination`` (lease, slots, rate, adaptive cap, circuit) → ``delivery``
+(loss-proof fetch, in-flight records, flow, recovery, guard, reaper) → ``callout`` (one
+run: validate, permit, HTTP, classify, ledger) → ``app``/``task`` (the Celery wiring) →
+``ops`` (submit, batches, status, the CLI).
+"""
+from __future__ import annotations
+
+__all__ = ["app", "submit", "submit_many"]
+__version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    if name == "app":
+        from onelane.celery_app import app
+
+        return app
+    if name == "submit":
+        from onelane.ops.producer import submit
+
+        return submit
+    if name == "submit_many":
+        from onelane.ops.batches import submit_many
+
+        return submit_many
+    raise AttributeError(f"module 'onelane' has no attribute {name!r}")

@@ -1,0 +1,108 @@
+"""Recorded outcomes: what makes a redelivered callout a no-op, and the dead letters.
+
+Guarantees: an outcome is written together with the removal of the in-flight
+record (one MULTI), before the message is acknowledged. A task id whose outcome
+is recorded, or an idempotency key whose call succeeded, is remembered for the
+dedupe window, so a redelivered copy returns the recorded outcome without calling
+the API again. Failed calls remember the task id only, so a replay with the same
+idempotency key is allowed to run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from onelane.core.keys import Keys
+from onelane.core.text import text
+from onelane.delivery.inflight import Inflight
+
+SUCCESS, FAILURE = "success", "failure"
+#: recent outcomes kept for the completed/failed rates
+_STATS_KEEP_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # SUCCESS or FAILURE
+    task_id: str
+    result: dict | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"status": self.status, "task_id": self.task_id, "result": self.result,
+                           "error": self.error})
+
+    @classmethod
+    def from_json(cls, raw) -> "Outcome":
+        d = json.loads(raw)
+        return cls(d["status"], d["task_id"], d.get("result"), d.get("error"))
+
+
+class Ledger:
+    def __init__(self, client, keys: Keys, *, window_s: int):
+        self.client = client
+        self.keys = keys
+        self.window_s = int(window_s)
+
+    def record_success(self, *, task_id: str, queue: str, idempotency_key: str, result: dict,
+                       now_ms: int, pipe=None) -> None:
+        """Record a success; with ``pipe`` the writes are queued there (the caller executes it)."""
+        own = pipe is None
+        pipe = pipe if pipe is not None else self.client.pipeline(transaction=True)
+        pipe.set(self.keys.done(task_id), Outcome(SUCCESS, task_id, result=result).to_json(), ex=self.window_s)
+        pipe.set(self.keys.idempotency(idempotency_key), task_id, ex=self.window_s)
+        self._stats(pipe, queue, SUCCESS, task_id, now_ms)
+        Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
+        if own:
+            pipe.execute()
+
+    def record_failure(self, *, task_id: str, queue: str, error: str, dead_letter: dict, now_ms: int) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.done(task_id), Outcome(FAILURE, task_id, error=error).to_json(), ex=self.window_s)
+        pipe.hset(self.keys.dead_letters(queue), task_id, json.dumps(dead_letter))
+        pipe.zadd(self.keys.dead_letter_index(queue), {task_id: now_ms})
+        self._stats(pipe, queue, FAILURE, task_id, now_ms)
+        Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
+        pipe.execute()
+
+    def add_attempt(self, task_id: str, info: dict, pipe=None) -> None:
+        """Remember one finished attempt (for the attempt count and the dead-letter entry)."""
+        p = pipe if pipe is not None else self.client.pipeline(transaction=True)
+        p.rpush(self.keys.attempts(task_id), json.dumps(info))
+        p.expire(self.keys.attempts(task_id), self.window_s)
+        if pipe is None:
+            p.execute()
+
+    def preflight(self, pipe, task_id: str, idempotency_key: str | None) -> None:
+        """Queue the reads :meth:`outcome_from` needs on ``pipe`` (3 replies)."""
+        pipe.get(self.keys.done(task_id))
+        pipe.get(self.keys.idempotency(idempotency_key or task_id))
+        pipe.lrange(self.keys.attempts(task_id), 0, -1)
+
+    def outcome_from(self, done_raw, idem_task_id) -> Outcome | None:
+        """The recorded outcome of this task id, or of a success with this idempotency key.
+
+        Takes the replies of :meth:`preflight`; a second read only for an idempotency hit.
+        """
+        if done_raw is not None:
+            return Outcome.from_json(done_raw)
+        if idem_task_id is not None:
+            raw = self.client.get(self.keys.done(text(idem_task_id)))
+            return Outcome.from_json(raw) if raw is not None else None
+        return None
+
+    def attempts(self, task_id: str) -> list[dict]:
+        return [json.loads(r) for r in self.client.lrange(self.keys.attempts(task_id), 0, -1)]
+
+    def _stats(self, pipe, queue, status, task_id, now_ms):
+        key = self.keys.stats(queue, status)
+        pipe.zadd(key, {task_id: now_ms})
+        pipe.zremrangebyscore(key, "-inf", now_ms - _STATS_KEEP_MS)
+
+    def dead_letters(self, queue: str) -> list[dict]:
+        """Every dead-letter entry of the queue, oldest first."""
+        ids = self.client.zrange(self.keys.dead_letter_index(queue), 0, -1)
+        if not ids:
+            return []
+        raws = self.client.hmget(self.keys.dead_letters(queue), ids)
+        return [json.loads(r) for r in raws if r is not None]

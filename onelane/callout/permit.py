@@ -1,0 +1,141 @@
+"""Permits: the right to make one attempt on a resource.
+
+A serial resource (the default) has one lease: one attempt at a time, anywhere. A capped
+resource (declared in ONELANE_LIMITS) has N slots, optionally a global rate and an
+adaptive cap. Both are :class:`Permit`\\ s with the same three steps, so the callout does
+not care which it holds:
+
+* :meth:`Permit.acquire` waits as long as it must (blocking on Redis release signals,
+  never polling), records the attempt in flight, and returns the grant whose fencing
+  token goes to the API;
+* :meth:`Permit.feedback` tells the permit how the API coped (the adaptive cap and the
+  rate limit learn from it);
+* :meth:`Permit.release` frees it, directly or queued on the transaction that records
+  the outcome.
+
+Guarantees: the in-flight record exists before any attempt starts (for a capped resource
+even before the wait for a slot, so the reaper finds a dead worker's waiting task at
+once); a grant is held at most its TTL (the attempt's deadline plus the lease grace).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Protocol
+
+from onelane.callout.classify import Reply, overloaded, retry_after_s
+from onelane.coordination.adaptive import Adaptive
+from onelane.coordination.lease import Grant, Lease
+from onelane.coordination.rate import RateLimiter
+from onelane.coordination.slots import Semaphore
+from onelane.core.keys import Keys
+from onelane.core.limits import Limit
+from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S
+from onelane.delivery.inflight import Inflight, InflightRecord
+
+#: the longest anyone waits for a permit: a holder never keeps it longer than this
+MAX_WAIT_MS = int(MAX_CALLOUT_TIMEOUT_S * 1000)
+#: the early in-flight record's deadline is this much later than the estimate: it only says
+#: when the reaper may requeue, and late is the safe side
+_EARLY_DEADLINE_SLACK_MS = 100
+
+
+class Permit(Protocol):
+    #: True for a capped resource (its result reports the time waited for a slot)
+    capped: bool
+
+    def acquire(self, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int,
+                redis_now_ms: int) -> tuple[Grant, float]:
+        """Wait for the permit and record the attempt in flight; return (grant, ms waited)."""
+
+    def feedback(self, reply: Reply, *, retry_after_max_s: float) -> None:
+        """Learn from the attempt's reply."""
+
+    def release(self, grant: Grant, *, pipe=None) -> None:
+        """Free the permit if ``grant`` still holds it (queued on ``pipe`` when given)."""
+
+
+class SerialPermit:
+    """The resource's one lease: one attempt at a time across every worker and host."""
+
+    capped = False
+
+    def __init__(self, client, keys: Keys, resource: str, inflight: Inflight, *, wait_ms: int = MAX_WAIT_MS,
+                 wait_grace_ms: int = 0):
+        self.lease = Lease(client, keys.resource_lease(resource), keys=keys)
+        self.inflight = inflight
+        self.wait_ms = wait_ms + wait_grace_ms
+
+    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
+        label = f"task {record.task_id} attempt {record.attempt}"
+        # Usually the lease is free: the in-flight record travels with the acquire (one round
+        # trip). Its deadline is an estimate on the Redis clock, a little late on purpose.
+        early = replace(record, lease=self.lease.name, lease_token=token, started_ms=redis_now_ms,
+                        deadline_ms=redis_now_ms + timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        got = self.lease.try_acquire(token, ttl_ms=ttl_ms, label=label,
+                                     along=lambda pipe: self.inflight.record(early, pipe=pipe))
+        if isinstance(got, Grant):
+            return got, 0.0
+        # Busy (a killed attempt's lease runs to its deadline): block on the release signal.
+        grant = self.lease.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, label=label)
+        self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms))
+        return grant, 0.0
+
+    def feedback(self, reply, *, retry_after_max_s):
+        pass  # one at a time already: nothing to adapt
+
+    def release(self, grant, *, pipe=None):
+        self.lease.release(grant.token, pipe=pipe)
+
+
+class SlotPermit:
+    """A slot of a capped resource: at most N at once, at most its rate, N lowered under overload."""
+
+    capped = True
+
+    def __init__(self, client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,
+                 wait_ms: int = MAX_WAIT_MS):
+        self.client = client
+        self.keys = keys
+        self.resource = resource
+        self.inflight = inflight
+        self.wait_ms = wait_ms
+        self.slots = Semaphore(client, keys, resource, limit)
+        self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
+        self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
+
+    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
+        # recorded before waiting: a dead worker's waiting task comes back at once
+        self.inflight.record(record)
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms)
+        if self.rate is not None:
+            # the rate is checked while holding the slot, so starts never bunch up above the rate
+            rate_wait_ms = self.rate.acquire()
+            if rate_wait_ms > 0:
+                waited_ms += rate_wait_ms
+                deadline = self.slots.lease(grant.name).renew(token, ttl_ms=ttl_ms)
+                grant = replace(grant, now_ms=deadline - ttl_ms, deadline_ms=deadline)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(self.keys.waits(self.resource), "count", 1)
+        pipe.hincrbyfloat(self.keys.waits(self.resource), "total_ms", round(waited_ms, 1))
+        self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms), pipe=pipe)
+        pipe.execute()
+        return grant, waited_ms
+
+    def feedback(self, reply, *, retry_after_max_s):
+        if self.adaptive is not None:
+            self.adaptive.record(overloaded(reply))
+        if self.rate is not None and reply.response is not None:
+            asked = retry_after_s(reply.header("Retry-After"))
+            if asked:
+                self.rate.push_back(min(asked, retry_after_max_s))
+
+    def release(self, grant, *, pipe=None):
+        self.slots.release(grant, pipe=pipe)
+
+
+def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,
+               lease_grace_ms: int) -> Permit:
+    """The permit kind the resource's declared limit calls for."""
+    if limit.capped:
+        return SlotPermit(client, keys, resource, limit, inflight)
+    return SerialPermit(client, keys, resource, inflight, wait_grace_ms=lease_grace_ms)

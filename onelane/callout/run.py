@@ -1,0 +1,397 @@
+"""One run of ``tasks.callout``: the steps a callout takes, each a method named for what it does.
+
+The task (:mod:`onelane.task`) strings them together::
+
+    run = CalloutRun.begin(request, args, kwargs)     # checked, or dead-lettered at once
+    loop:
+        check = run.preflight()                       # one read: outcome, attempts, pause, circuit
+        a recorded outcome -> return it                # a redelivered copy never calls twice
+        run.wait_until_open(check)                    # paused queue, open circuit
+        with run.permit(check) as attempt:            # the lease (or a slot); recorded in flight
+            reply = run.send(attempt)                 # one HTTP attempt under a hard deadline
+            verdict = classify(reply, ...)            # success / retry after N s / failed for good
+            success -> run.record_success(...)        # outcome + release, one transaction
+        run.record_attempt(...); dead-letter or run.wait_before_retry(...)
+
+Guarantees kept here: no attempt starts without the resource's permit, and its in-flight
+record exists before it starts; an outcome is recorded (with the release) before the task
+returns, so the message is acknowledged only after it; a copy of a task whose outcome is
+recorded returns that outcome without calling the API; bad input never reaches the API.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+import requests
+from celery.exceptions import Ignore
+
+from onelane.callout import credentials, http
+from onelane.callout.classify import Reply, RetryPolicy, Verdict
+from onelane.callout.egress import EgressPolicy
+from onelane.callout.ledger import FAILURE, Ledger, Outcome
+from onelane.callout.permit import Permit, permit_for
+from onelane.callout.result import attempt_entry, dead_letter_entry, storable, success_result
+from onelane.callout.validation import CalloutRequest, validate
+from onelane.coordination.circuit import Circuit, CircuitState
+from onelane.coordination.lease import Grant, new_token
+from onelane.core.clients import client_for
+from onelane.core.clock import redis_now_ms, time_ms
+from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
+from onelane.core.keys import Keys
+from onelane.core.scripts import forget
+from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
+from onelane.delivery import flow
+from onelane.delivery.inflight import Inflight, InflightRecord, requeue_at_head
+
+log = logging.getLogger(__name__)
+
+#: how long a task waits on a paused queue before giving its message back at the head
+PAUSE_WAIT_S = 5.0
+#: with strict order, a task whose resource's circuit is open looks again this often
+CIRCUIT_NAP_S = 1.0
+
+
+class SystemClock:
+    """The clock a run sleeps and measures by; tests inject their own."""
+
+    sleep = staticmethod(time.sleep)
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where a message came from, and which worker runs it."""
+
+    task_id: str
+    queue: str
+    delivery_tag: str
+    batch: str | None
+    #: the worker's token (ONELANE_WORKER_ID), written as the owner of in-flight records
+    owner: str
+
+    @classmethod
+    def of(cls, request, settings: Settings) -> "Delivery":
+        """From Celery's task request (an eager call has no delivery info: the default queue)."""
+        return cls(task_id=request.id,
+                   queue=(request.delivery_info or {}).get("routing_key") or settings.queue,
+                   delivery_tag=(request.properties or {}).get("delivery_tag") or "",
+                   batch=getattr(request, "onelane_batch", None),
+                   owner=os.environ.get(WORKER_ID_ENV, ""))
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """Everything an attempt must know before it starts, read in one round trip."""
+
+    #: the recorded outcome of this task id (or a success with its idempotency key); first read only
+    prior: Outcome | None
+    #: the number of the attempt about to start (1-based, counted across retries and kills)
+    attempt: int
+    paused: bool
+    circuit: CircuitState
+    redis_ms: int
+    #: the run's clock.monotonic() when the read came back
+    read_at: float
+
+
+@dataclass
+class Attempt:
+    """One attempt under way: its number and the permit it holds."""
+
+    number: int
+    grant: Grant
+    waited_ms: float
+    released: bool = False
+
+
+class CalloutRun:
+    """One run of one callout message, from its check to its recorded outcome."""
+
+    def __init__(self, settings: Settings, delivery: Delivery, request: CalloutRequest, stored_kwargs: dict, *,
+                 clock=None):
+        s = self.settings = settings
+        self.delivery = delivery
+        self.request = request
+        #: the caller's arguments as stored (in-flight record, dead letter): secrets masked
+        self.stored_kwargs = stored_kwargs
+        self.clock = clock or SystemClock()
+        self.client = client_for(s)
+        self.keys = Keys(s.key_prefix)
+        self.resource = request.resource or delivery.queue
+        self.idempotency_key = request.idempotency_key or delivery.task_id
+        self.timeout_ms = int((request.timeout_s or s.callout_timeout_s) * 1000)
+        self.policy = RetryPolicy.of(s, request.retry_on)
+        self.ledger = Ledger(self.client, self.keys, window_s=s.dedupe_window_s)
+        self.inflight = Inflight(self.client, self.keys)
+        self.circuit = Circuit(self.client, self.keys, self.resource, threshold=s.circuit_threshold,
+                               cooldown_ms=int(s.circuit_cooldown_s * 1000),
+                               cooldown_max_ms=int(s.circuit_cooldown_max_s * 1000))
+        self.permits: Permit = permit_for(self.client, self.keys, self.resource, s.limit_for(self.resource),
+                                          self.inflight, lease_grace_ms=s.lease_grace_ms)
+        self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
+        self._first_read = True
+
+    # -- begin ------------------------------------------------------------------------------
+    @classmethod
+    def begin(cls, task_request, args, kwargs, *, settings: Settings | None = None, clock=None) -> "CalloutRun":
+        """Check the message's arguments and start a run.
+
+        Raises CalloutRejected for bad input, after dead-lettering it: the API is never called.
+        """
+        s = settings or get_settings()
+        delivery = Delivery.of(task_request, s)
+        stored = storable(kwargs, s.redact_headers)
+        try:
+            if args:
+                raise ValidationError("args", "tasks.callout takes keyword arguments only (kwargs={...})")
+            request = validate(kwargs, max_bytes=s.max_message_bytes)
+        except ValidationError as exc:
+            raise _reject(s, delivery, stored, args, kwargs, exc) from None
+        return cls(s, delivery, request, stored, clock=clock)
+
+    @property
+    def task_id(self) -> str:
+        return self.delivery.task_id
+
+    # -- before an attempt --------------------------------------------------------------------
+    def preflight(self) -> Preflight:
+        """One round trip: recorded outcome, attempts so far, pause, circuit, the Redis clock."""
+        d, s = self.delivery, self.settings
+        pipe = self.client.pipeline(transaction=False)
+        self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
+        pipe.exists(self.keys.paused(d.queue))
+        pipe.hgetall(self.keys.circuit(self.resource))
+        pipe.time()
+        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
+            # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
+            pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
+        done_raw, idem_hit, attempts_raw, paused, circuit_raw, now = pipe.execute()[:6]
+        redis_ms = time_ms(now)
+        prior = None
+        if self._first_read:
+            self._first_read = False
+            prior = self.ledger.outcome_from(done_raw, idem_hit)
+        return Preflight(prior=prior, attempt=len(attempts_raw) + 1, paused=bool(paused),
+                         circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
+                         read_at=self.clock.monotonic())
+
+    def recorded(self, prior: Outcome) -> dict:
+        """The recorded result of a callout that already ran; a recorded failure is raised again."""
+        log.info("onelane: %s already has a recorded outcome (%s); not calling the API again",
+                 self.task_id, prior.status)
+        if prior.status == FAILURE:
+            raise CalloutFailed(prior.error or "failed earlier")
+        return prior.result
+
+    def wait_until_open(self, check: Preflight) -> bool:
+        """Wait while the queue is paused or the resource's circuit is open.
+
+        True: the attempt may start. False: the circuit is open and this run waited a while
+        (strict order); read again. Ends the run (Ignore) when it hands its message back: a
+        queue paused longer than PAUSE_WAIT_S gives it back at the head, order kept; with
+        relaxed order an open circuit moves it to the delay set.
+        """
+        d = self.delivery
+        if check.paused and not flow.wait_resumed(self.client, self.keys, d.queue, timeout_s=PAUSE_WAIT_S):
+            raise self.give_back_at_head("queue paused")
+        blocked_s = check.circuit.blocked_for_ms / 1000
+        if not blocked_s:
+            return True
+        if self.settings.ordering == "relaxed":
+            self._defer_or_sleep(blocked_s, f"circuit of {self.resource!r} open")
+        else:
+            log.warning("onelane: circuit of %r open; %s waits %.1f s", self.resource, self.task_id, blocked_s)
+            self.clock.sleep(min(blocked_s, CIRCUIT_NAP_S))
+        return False
+
+    # -- the attempt ---------------------------------------------------------------------------
+    @contextmanager
+    def permit(self, check: Preflight):
+        """Hold the resource's permit (its lease, or a slot) for one attempt, recorded in flight.
+
+        Waits as long as the permit can legitimately be held by another; longer than that
+        dead-letters the callout. Released when the block ends, unless the outcome's
+        transaction released it already.
+        """
+        d = self.delivery
+        # the Redis clock now, estimated from the preflight read (no extra round trip)
+        now_ms = check.redis_ms + int((self.clock.monotonic() - check.read_at) * 1000)
+        record = InflightRecord(
+            task_id=d.task_id, queue=d.queue, resource=self.resource, owner=d.owner, lease="", lease_token="",
+            fence=0, started_ms=0, deadline_ms=0, attempt=check.attempt, delivery_tag=d.delivery_tag,
+            host=socket.gethostname(), pid=os.getpid(), kwargs=self.stored_kwargs)
+        try:
+            grant, waited_ms = self.permits.acquire(
+                record, token=new_token(), ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
+                timeout_ms=self.timeout_ms, redis_now_ms=now_ms)
+        except LeaseBusy as exc:
+            raise self.dead_letter(f"{exc}; gave up waiting") from None
+        attempt = Attempt(check.attempt, grant, waited_ms)
+        try:
+            yield attempt
+        except BaseException:
+            if not attempt.released:
+                self._release_quietly(attempt)
+            raise
+        if not attempt.released:
+            self.permits.release(grant)
+            attempt.released = True
+
+    def send(self, attempt: Attempt) -> Reply:
+        """Make one HTTP attempt under its hard deadline; never raises for a failed call.
+
+        Worker-side credentials are merged here, at call time, and stored nowhere. The
+        permit learns from the reply (the adaptive cap, a Retry-After for the rate limit).
+        """
+        req = self.request
+        headers = {**req.headers, **credentials.headers_for(self.settings.credentials_file, self.resource),
+                   "Idempotency-Key": self.idempotency_key, "X-Fencing-Token": str(attempt.grant.fence)}
+        started = self.clock.time()
+        try:
+            response = http.attempt(
+                req.method, req.url, timeout_s=self.timeout_ms / 1000, headers=headers, params=req.params,
+                json=req.json, has_json=req.has_json, data=req.data,
+                max_bytes=self.settings.max_response_bytes, redirects=self.settings.redirects,
+                egress=self.egress)
+            error, permanent = None, False
+        except requests.RequestException as exc:
+            response, (error, permanent) = None, describe_failure(exc)
+        except EgressRefused as exc:
+            response, error, permanent = None, f"refused: {exc}", True
+        except Exception as exc:  # anything unforeseen: release the permit and dead-letter, never wedge
+            log.exception("onelane: %s attempt %d raised an unexpected error", self.task_id, attempt.number)
+            response, error, permanent = None, f"{type(exc).__name__}: {exc}", True
+        reply = Reply(response=response, error=error, permanent=permanent, started=started,
+                      elapsed_ms=(self.clock.time() - started) * 1000)
+        self.permits.feedback(reply, retry_after_max_s=self.settings.retry_after_max_s)
+        return reply
+
+    # -- after the attempt ----------------------------------------------------------------------
+    def record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
+        """Record the outcome, drop the in-flight record, release the permit and close the
+        circuit in one transaction; return the result."""
+        d, req = self.delivery, self.request
+        result = success_result(reply, attempt=attempt.number, fence=attempt.grant.fence, task_id=d.task_id,
+                                idempotency_key=self.idempotency_key, resource=self.resource,
+                                method=req.method, url=req.url, redact=self.settings.redact_headers)
+        if self.permits.capped:
+            result["waited_ms"] = round(attempt.waited_ms, 1)
+        entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
+        done = self.client.pipeline(transaction=True)
+        self.ledger.add_attempt(d.task_id, entry, pipe=done)
+        self.ledger.record_success(task_id=d.task_id, queue=d.queue, idempotency_key=self.idempotency_key,
+                                   result=result, now_ms=attempt.grant.now_ms + int(entry["elapsed_ms"]), pipe=done)
+        self.permits.release(attempt.grant, pipe=done)
+        self.circuit.record(ok=True, pipe=done)
+        self._count_batch(done, "done")
+        try:
+            done.execute()
+        except redis.exceptions.NoScriptError:
+            # Redis lost its scripts (restart): the writes went through; release again directly
+            forget(self.client)
+            self.permits.release(attempt.grant)
+            self.circuit.record(ok=True)
+        attempt.released = True
+        return result
+
+    def record_attempt(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> None:
+        """Keep a failed attempt (for the attempt count and the dead letter); the circuit learns from it."""
+        self.ledger.add_attempt(self.task_id, attempt_entry(reply, verdict, attempt=attempt.number,
+                                                            fence=attempt.grant.fence))
+        if verdict.api_up is not None:
+            self.circuit.record(ok=verdict.api_up)
+
+    def wait_before_retry(self, attempt: Attempt, verdict: Verdict) -> None:
+        """Wait the verdict's time before the next attempt: strict order holds the queue (sleeps);
+        relaxed order moves the message to the delay set and ends the run (Ignore)."""
+        log.warning("onelane: %s attempt %d/%d failed (%s); next attempt in %.2f s",
+                    self.task_id, attempt.number, self.policy.max_attempts, verdict.reason, verdict.wait_s)
+        if self.settings.ordering == "relaxed":
+            self._defer_or_sleep(verdict.wait_s, f"attempt {attempt.number} failed: {verdict.reason}")
+        else:
+            self.clock.sleep(verdict.wait_s)
+
+    # -- ending ----------------------------------------------------------------------------------
+    def dead_letter(self, reason: str) -> CalloutFailed:
+        """Record the callout as failed for good, with its request and every attempt; return the
+        error to raise (the task ends in FAILURE)."""
+        error = f"{self.request.method} {self.request.url}: {reason}"
+        _record_dead_letter(self.settings, self.client, self.keys, self.delivery, self.stored_kwargs,
+                            error=error, kind="failed", attempts=self.ledger.attempts(self.task_id))
+        return CalloutFailed(f"{error}; dead-lettered as {self.task_id}")
+
+    def give_back_at_head(self, why: str) -> Ignore:
+        """Put this message back at the head of its queue (order kept); return the Ignore that ends the run."""
+        d = self.delivery
+        requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id)
+        log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
+        return Ignore()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _defer_or_sleep(self, wait_s: float, why: str) -> None:
+        """Move the message to the delay set, due in ``wait_s``, and end the run (Ignore); a message
+        not delivered through kombu (an eager call) cannot move, so sleep instead."""
+        d = self.delivery
+        due_ms = redis_now_ms(self.client) + int(wait_s * 1000)
+        if flow.defer(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id,
+                      due_ms=due_ms):
+            log.warning("onelane: %s deferred %.2f s (%s); the queue moves on", d.task_id, wait_s, why)
+            raise Ignore()
+        self.clock.sleep(wait_s)
+
+    def _count_batch(self, pipe, field: str) -> None:
+        if self.delivery.batch:
+            pipe.hincrby(self.keys.batch(self.delivery.batch), field, 1)
+
+    def _release_quietly(self, attempt: Attempt) -> None:
+        try:
+            self.permits.release(attempt.grant)
+            attempt.released = True
+        except Exception as exc:  # Redis away: the permit expires at its deadline
+            log.warning("onelane: could not release the permit of %s (%s); it expires by itself",
+                        self.task_id, exc)
+
+
+def describe_failure(exc: Exception) -> tuple[str, bool]:
+    """A failed request as a readable error, and whether it is permanent (no retry can help)."""
+    if isinstance(exc, http.RedirectRefused):
+        return f"redirect refused: {exc}", True
+    if http.is_name_resolution_error(exc):
+        return f"the host name does not resolve: {exc}", True
+    if isinstance(exc, (http.DeadlineExceeded, requests.Timeout)):
+        return f"timeout: {exc}", False
+    if isinstance(exc, requests.ConnectionError):
+        return f"connection error: {exc}", False
+    return f"{type(exc).__name__}: {exc}", False
+
+
+def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: ValidationError) -> CalloutRejected:
+    """Dead-letter a message whose arguments are wrong; return the error to raise."""
+    if exc.field == "payload":  # too large or not JSON: keep a summary, not the payload
+        stored = {"url": str(kwargs.get("url"))[:2000], "omitted": "arguments too large or not JSON"}
+    if args:
+        stored = {**stored, "args": [repr(a)[:200] for a in args]}
+    log.warning("onelane: rejected %s: %s (dead-lettered, the API was not called)", delivery.task_id, exc)
+    client = client_for(s)
+    _record_dead_letter(s, client, Keys(s.key_prefix), delivery, stored, error=str(exc), kind="invalid",
+                        attempts=[])
+    return CalloutRejected(f"{exc}; the API was not called and the task is dead-lettered")
+
+
+def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, stored: dict, *, error: str,
+                        kind: str, attempts: list) -> None:
+    entry = dead_letter_entry(delivery.task_id, delivery.queue, stored, reason=error, kind=kind,
+                              attempts=attempts, batch=delivery.batch)
+    Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
+        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry,
+        now_ms=redis_now_ms(client))
+    if delivery.batch:
+        client.hincrby(keys.batch(delivery.batch), "failed" if kind == "invalid" else "dead_lettered", 1)
+    log.error("onelane: %s dead-lettered: %s", delivery.task_id, error)

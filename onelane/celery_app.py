@@ -1,0 +1,94 @@
+"""The composition root: the Celery app, its one configuration mapping, the guard and the schedule.
+
+``celery -A tasks worker -Q serial`` and ``celery -A tasks beat`` (the entry point in the
+project root, ``tasks/``) find this ``app``; so does ``celery -A onelane`` anywhere
+onelane is installed. Nothing in the command line or the compose file repeats a setting
+made here. Everything is named by onelane's installed modules, so the worker finds its
+transport, guard, request class and scheduler wherever it runs.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from onelane.core.settings import Settings, get_settings
+from onelane.delivery.scheduler import REAPER_ENTRY
+
+#: the module that defines ``tasks.callout``, imported by the worker
+TASK_MODULE = "onelane.task"
+
+
+def celery_config(s: Settings) -> dict:
+    """The whole Celery configuration of onelane, derived from the settings."""
+    q = s.queue
+    return {
+        "broker_url": s.redis_url,
+        # kombu's Redis transport with a fetch that cannot lose a message (onelane/delivery/transport.py)
+        "broker_transport": "onelane.delivery.transport:Transport",
+        "result_backend": s.redis_url,
+        "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),
+                        Queue(s.bulk_queue, Exchange(s.bulk_queue, type="direct"), routing_key=s.bulk_queue)),
+        "task_default_queue": q,
+        "task_default_exchange": q,
+        "task_default_routing_key": q,
+        "task_routes": {"tasks.callout": {"queue": q, "routing_key": q}},
+        # one message at a time: one process, one reserved message, acked after the outcome
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        # Billiard waits this long after a pool child dies before reporting it lost (default
+        # 10 s), in case it stored a result first; our own ledger answers that, so report at once.
+        "worker_lost_wait": 1.0,
+        # kombu restores unacked messages older than this; it must exceed the longest callout
+        "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 1.0},
+        # every callout visible in Flower
+        "worker_send_task_events": True,
+        # no task-sent events: Celery would put the raw arguments (secrets included) in them
+        # before the worker could mask them; Flower sees every callout from its receipt on.
+        "task_send_sent_event": False,
+        "task_track_started": True,
+        # result_extended stays off: it would copy the raw arguments (and any secret in their
+        # headers) into the result backend. Flower shows the masked arguments from the events.
+        "result_extended": False,
+        "result_expires": s.result_expires_s,
+        # JSON only: a message can never carry code into the worker
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "enable_utc": True,
+        "beat_scheduler": "onelane.delivery.scheduler:OnelaneScheduler",
+        "beat_schedule": {
+            "onelane-reaper": {"task": REAPER_ENTRY, "schedule": s.reap_interval_s},
+        },
+    }
+
+
+def _tls(s: Settings) -> dict:
+    """TLS options for rediss:// URLs (broker and results alike)."""
+    if not s.redis_url.startswith("rediss://"):
+        return {}
+    import ssl
+
+    opts = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if s.redis_ca_certs:
+        opts["ssl_ca_certs"] = s.redis_ca_certs
+    return {"broker_use_ssl": opts, "redis_backend_use_ssl": opts}
+
+
+def make_app(s: Settings | None = None) -> Celery:
+    s = s or get_settings()
+    celery_app = Celery("onelane", include=[TASK_MODULE])
+    celery_app.conf.update(celery_config(s))
+    celery_app.conf.update(_tls(s))
+    celery_app.steps["worker"].add("onelane.delivery.guard:WorkerGuard")
+    return celery_app
+
+
+app = make_app()

@@ -1,0 +1,260 @@
+"""The lease: one Redis key owned by a random token, with an expiry and a fencing counter.
+
+Guarantees kept here, by the Lua scripts beside this module:
+
+* at most one token holds a lease at a time (``SET NX`` inside the acquire script);
+* every new grant increments the lease's fencing counter, so tokens handed to the
+  API grow strictly with every grant;
+* renew and release act only for the token that holds the lease (compare-and-set);
+* a lease is never handed on before its expiry unless its holder releases it, or
+  the caller names the holder's token as provably dead (``steal``);
+* waiting for a lease blocks on a release signal with a bounded timeout instead
+  of polling Redis in a loop.
+
+The worker guard, the callout and the reaper all use this one class.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from redis.exceptions import NoScriptError
+
+from onelane.core.clock import time_ms
+from onelane.core.errors import LeaseBusy, LeaseNotHeld, UnexpectedReply
+from onelane.core.keys import Keys
+from onelane.core.scripts import LuaScript, forget
+from onelane.core.text import text, text_map
+
+log = logging.getLogger(__name__)
+
+_ACQUIRE = LuaScript(__package__, "lease_acquire")
+_RENEW = LuaScript(__package__, "lease_renew")
+_RELEASE = LuaScript(__package__, "lease_release")
+_REAP = LuaScript(__package__, "lease_reap")
+
+#: how long a release signal waits for a waiter before it expires
+_SIGNAL_TTL_MS = 10_000
+#: the longest single block on the release signal; bounds the cost of a missed signal
+_MAX_BLOCK_MS = 2_000
+
+
+def new_token() -> str:
+    """A random lease token."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A granted lease: who holds it, its fencing token and its deadline (Redis clock, ms)."""
+
+    name: str
+    token: str
+    fence: int
+    deadline_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as recorded by its acquire."""
+
+    token: str
+    host: str
+    pid: int | None
+    label: str
+    renewed_ms: int
+    since_ms: int
+    pttl_ms: int
+    now_ms: int
+
+    @property
+    def renewed_ago_s(self) -> float:
+        return max(0.0, (self.now_ms - self.renewed_ms) / 1000)
+
+    def describe(self) -> str:
+        who = self.label or "holder"
+        pid = f"pid {self.pid}" if self.pid else "pid ?"
+        return (
+            f"{who} on {self.host or '?'} ({pid}), renewed {self.renewed_ago_s:.1f} s ago, "
+            f"expires in {max(self.pttl_ms, 0) / 1000:.1f} s"
+        )
+
+    def is_local_and_dead(self) -> bool:
+        """True only when the holder ran on this host and its pid no longer exists."""
+        if self.host != socket.gethostname() or not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+class Lease:
+    """A named lease in Redis. ``client`` is a redis-py client; nothing else is global."""
+
+    def __init__(self, client, name: str, *, keys: Keys):
+        if not name:
+            raise ValueError("a lease needs a non-empty name")
+        self.client = client
+        self.name = name
+        self.keys = keys
+
+    # -- the four operations, each one registered script ---------------------------
+    def try_acquire(
+        self,
+        token: str,
+        *,
+        ttl_ms: int,
+        label: str = "",
+        since_ms: int | None = None,
+        steal: str | None = None,
+        along=None,
+    ) -> Grant | Holder:
+        """One attempt: a :class:`Grant` if the lease was free (or ours), else the :class:`Holder`.
+
+        ``along(pipe)`` may queue more commands that travel in the same round trip, after
+        the acquire (they run whether or not the lease was granted).
+        """
+        k = self.keys
+        keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_fence(self.name), k.lease_index]
+        args = [token, int(ttl_ms), socket.gethostname(), os.getpid(), label,
+                "" if since_ms is None else int(since_ms), self.name, steal or ""]
+        if along is None:
+            res = _ACQUIRE(self.client, keys=keys, args=args)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+            along(pipe)
+            try:
+                res = pipe.execute()[0]
+            except NoScriptError:
+                forget(self.client)
+                res = _ACQUIRE(self.client, keys=keys, args=args)
+                pipe = self.client.pipeline(transaction=False)
+                along(pipe)
+                pipe.execute()
+        return _acquire_reply(self.name, token, res)
+
+    def acquire(
+        self,
+        token: str,
+        *,
+        ttl_ms: int,
+        wait_ms: int = 0,
+        label: str = "",
+        since_ms: int | None = None,
+        should_stop=None,
+    ) -> Grant:
+        """Acquire the lease, waiting up to ``wait_ms`` on the release signal (never polling).
+
+        Raises :class:`LeaseBusy` naming the holder when the wait ends without a grant.
+        ``should_stop`` (a callable) ends the wait early, also with LeaseBusy.
+        """
+        give_up = time.monotonic() + wait_ms / 1000
+        while True:
+            got = self.try_acquire(token, ttl_ms=ttl_ms, label=label, since_ms=since_ms)
+            if isinstance(got, Grant):
+                return got
+            left_ms = (give_up - time.monotonic()) * 1000
+            if left_ms <= 0 or (should_stop and should_stop()):
+                raise LeaseBusy(f"lease {self.name!r} is held by {got.describe()}")
+            # Block until a release is signalled or the holder's expiry is due; the
+            # +5 ms lets the expiry happen before we look again.
+            pttl = got.pttl_ms if got.pttl_ms > 0 else 50
+            block_ms = max(10, min(pttl + 5, left_ms, _MAX_BLOCK_MS))
+            self.client.blpop([self.keys.lease_signal(self.name)], timeout=block_ms / 1000)
+
+    def renew(self, token: str, *, ttl_ms: int) -> int:
+        """Extend the lease held by ``token``; return the new deadline (ms). Raises LeaseNotHeld."""
+        k = self.keys
+        res = _RENEW(self.client, keys=[k.lease(self.name), k.lease_holder(self.name), k.lease_index],
+                     args=[token, int(ttl_ms), self.name])
+        _expect(res, "lease_renew", length=2)
+        if int(res[0]) != 1:
+            other = text(res[1])
+            raise LeaseNotHeld(
+                f"lease {self.name!r} is no longer held by this token "
+                + (f"(now held by {other[:8]}…)" if other else "(it expired)")
+            )
+        return int(res[1])
+
+    def release(self, token: str, *, pipe=None) -> bool | None:
+        """Release the lease if ``token`` holds it and wake a waiter; False if it did not hold it.
+
+        With ``pipe`` the release is queued on that pipeline (its reply comes with it).
+        """
+        k = self.keys
+        keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_index, k.lease_signal(self.name)]
+        args = [token, self.name, _SIGNAL_TTL_MS]
+        if pipe is not None:
+            _RELEASE.queue_on(pipe, self.client, keys=keys, args=args)
+            return None
+        return int(_RELEASE(self.client, keys=keys, args=args)) == 1
+
+    def reap(self, *, now_ms: int) -> bool:
+        """Clear this lease's index entry if its deadline passed without a release."""
+        k = self.keys
+        res = _REAP(self.client, keys=[k.lease(self.name), k.lease_holder(self.name), k.lease_index],
+                    args=[self.name, int(now_ms)])
+        return int(res) == 1
+
+    # -- reading ---------------------------------------------------------------------
+    def holder(self) -> Holder | None:
+        """Who holds the lease now, or None."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(k.lease(self.name))
+        pipe.hgetall(k.lease_holder(self.name))
+        pipe.pttl(k.lease(self.name))
+        pipe.time()
+        token, h, pttl, now = pipe.execute()
+        if token is None:
+            return None
+        h = text_map(h)
+        return Holder(
+            token=text(token),
+            host=h.get("host", ""),
+            pid=int(h["pid"]) if h.get("pid", "").isdigit() else None,
+            label=h.get("label", ""),
+            renewed_ms=int(h.get("renewed") or 0),
+            since_ms=int(h.get("since") or 0),
+            pttl_ms=int(pttl),
+            now_ms=time_ms(now),
+        )
+
+    def fence(self) -> int:
+        """The current value of the fencing counter."""
+        return int(self.client.get(self.keys.lease_fence(self.name)) or 0)
+
+
+def _expect(res, script_name: str, *, length: int) -> None:
+    """Raise UnexpectedReply unless ``res`` is a list of at least ``length`` items."""
+    if not isinstance(res, (list, tuple)) or len(res) < length:
+        raise UnexpectedReply(f"script {script_name} answered {res!r}; expected a list of {length} items")
+
+
+def _acquire_reply(name: str, token: str, res) -> Grant | Holder:
+    """Decode lease_acquire's reply: {1, fence, deadline, now} or {0, pttl, token, host, pid, label, ...}."""
+    _expect(res, "lease_acquire", length=4)
+    if int(res[0]) == 1:
+        return Grant(name, token, int(res[1]), int(res[2]), int(res[3]))
+    _expect(res, "lease_acquire", length=9)
+    pid = text(res[4])
+    return Holder(
+        token=text(res[2]),
+        host=text(res[3]),
+        pid=int(pid) if pid.isdigit() else None,
+        label=text(res[5]),
+        renewed_ms=int(res[6]),
+        since_ms=int(res[7]),
+        pttl_ms=int(res[1]),
+        now_ms=int(res[8]),
+    )

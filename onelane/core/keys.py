@@ -1,0 +1,174 @@
+"""Every Redis key onelane reads or writes is named here, under one prefix.
+
+kombu's own keys (the queue list and its unacked bookkeeping) are named here too,
+because the reaper must touch them in the same atomic step as ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: kombu's Redis transport keeps unacknowledged messages in this hash
+#: (delivery tag -> JSON [message, exchange, routing_key]) ...
+KOMBU_UNACKED = "unacked"
+#: ... and their delivery times (seconds, the worker's clock) in this sorted set.
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under ``prefix`` (the setting ONELANE_KEY_PREFIX, default "onelane")."""
+
+    prefix: str = "onelane"
+
+    # -- lease names (the argument of the lease key builders below)
+    @staticmethod
+    def resource_lease(resource: str) -> str:
+        """The lease name of a serial resource (also the name of a capped resource's fencing counter)."""
+        return f"resource:{resource}"
+
+    @staticmethod
+    def slot(resource: str, i: int) -> str:
+        """The lease name of slot ``i`` of a capped resource's semaphore."""
+        return f"resource:{resource}#{i}"
+
+    @staticmethod
+    def guard_name(queue: str) -> str:
+        """The lease name of a queue's worker guard."""
+        return f"guard:{queue}"
+
+    @staticmethod
+    def presence(token: str) -> str:
+        """The lease name of a worker's presence, renewed while it lives."""
+        return f"worker:{token}"
+
+    @staticmethod
+    def is_worker_lease(name: str) -> bool:
+        """True for a guard or presence lease name (status shows those apart from resources)."""
+        return name.startswith(("guard:", "worker:"))
+
+    # -- leases (the serial resource leases and the worker guard share one shape)
+    def lease(self, name: str) -> str:
+        """The lease itself: a string holding the owner's token, with an expiry."""
+        return f"{self.prefix}:lease:{name}"
+
+    def lease_holder(self, name: str) -> str:
+        """A hash describing the holder (host, pid, since, renewed, deadline)."""
+        return f"{self.prefix}:lease:{name}:holder"
+
+    def lease_fence(self, name: str) -> str:
+        """The fencing counter: incremented on every grant of the lease."""
+        return f"{self.prefix}:fence:{name}"
+
+    def lease_signal(self, name: str) -> str:
+        """A list a release pushes to, so waiters block instead of polling."""
+        return f"{self.prefix}:lease:{name}:released"
+
+    @property
+    def lease_index(self) -> str:
+        """Sorted set: lease name -> deadline (ms, Redis clock)."""
+        return f"{self.prefix}:leases"
+
+    def standbys(self, queue: str) -> str:
+        """Hash: standby worker token -> JSON (label, host, pid, seen_ms) of workers waiting for the guard."""
+        return f"{self.prefix}:standby:{queue}"
+
+    # -- capacity
+    def rate(self, resource: str) -> str:
+        """String: the GCRA theoretical arrival time (ms) of a rate-limited resource."""
+        return f"{self.prefix}:rate:{resource}"
+
+    def adaptive(self, resource: str) -> str:
+        """Hash: the adaptive cap of a resource (cap as a float, last decrease ms)."""
+        return f"{self.prefix}:aimd:{resource}"
+
+    def slot_signal(self, resource: str) -> str:
+        """List a slot release pushes to, so waiting tasks block instead of polling."""
+        return f"{self.prefix}:slots:{resource}:released"
+
+    def waits(self, resource: str) -> str:
+        """Hash: count and total ms of waits for a slot, for status."""
+        return f"{self.prefix}:waits:{resource}"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: counters of a batch (total, published, done, failed, dead_lettered, started_ms)."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    @property
+    def batch_index(self) -> str:
+        return f"{self.prefix}:batches"
+
+    def reserved(self, queue: str) -> str:
+        """Hash: delivery tag -> token of the worker that received it (queues with many consumers)."""
+        return f"{self.prefix}:reserved:{queue}"
+
+    # -- fetching (see onelane.delivery.transport)
+    def fetch_list(self, queue: str, token: str) -> str:
+        """List: a message a worker has taken off ``queue`` but not yet recorded as unacked."""
+        return f"{self.prefix}:fetching:{queue}:{token}"
+
+    @property
+    def fetch_lists(self) -> str:
+        """Hash: fetch list key -> JSON {queue, token} of every consuming worker."""
+        return f"{self.prefix}:fetching"
+
+    # -- in-flight registry
+    def inflight(self, task_id: str) -> str:
+        """Hash: the record of a callout whose attempt is under way."""
+        return f"{self.prefix}:inflight:{task_id}"
+
+    def inflight_index(self, queue: str) -> str:
+        """Sorted set: task id -> attempt deadline (ms, Redis clock)."""
+        return f"{self.prefix}:inflight-index:{queue}"
+
+    # -- outcomes
+    def done(self, task_id: str) -> str:
+        """String: the recorded outcome (JSON) of a finished task id."""
+        return f"{self.prefix}:done:{task_id}"
+
+    def idempotency(self, key: str) -> str:
+        """String: the task id whose success used this idempotency key."""
+        return f"{self.prefix}:idem:{key}"
+
+    def dead_letters(self, queue: str) -> str:
+        """Hash: dead-letter id -> entry (JSON)."""
+        return f"{self.prefix}:dlq:{queue}"
+
+    def dead_letter_index(self, queue: str) -> str:
+        """Sorted set: dead-letter id -> time it was dead-lettered (ms)."""
+        return f"{self.prefix}:dlq-index:{queue}"
+
+    def stats(self, queue: str, outcome: str) -> str:
+        """Sorted set of recent outcomes (member task id, score ms) for rates."""
+        return f"{self.prefix}:stats:{queue}:{outcome}"
+
+    def attempts(self, task_id: str) -> str:
+        """List: one JSON entry per finished attempt of a task (kept across retries and kills)."""
+        return f"{self.prefix}:attempts:{task_id}"
+
+    # -- flow control
+    def paused(self, queue: str) -> str:
+        """String: present while the queue is paused (who paused it and when, JSON). No expiry."""
+        return f"{self.prefix}:paused:{queue}"
+
+    def resumed_signal(self, queue: str) -> str:
+        """List a resume pushes to, so paused tasks block instead of polling."""
+        return f"{self.prefix}:resumed:{queue}"
+
+    def delayed(self, queue: str) -> str:
+        """Sorted set: kombu message (JSON) -> due time (ms); relaxed-order retries wait here."""
+        return f"{self.prefix}:delayed:{queue}"
+
+    def circuit(self, resource: str) -> str:
+        """Hash: the circuit breaker of a resource (failures, open_until, cooldown)."""
+        return f"{self.prefix}:circuit:{resource}"
+
+    @property
+    def circuit_index(self) -> str:
+        """Set: resources that have a circuit record."""
+        return f"{self.prefix}:circuits"
+
+    # -- kombu's
+    @staticmethod
+    def queue_list(queue: str) -> str:
+        """kombu's list for the queue (priority 0); LPUSH appends, BRPOP takes the head."""
+        return queue

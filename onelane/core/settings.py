@@ -1,0 +1,358 @@
+"""onelane settings: the one place the environment is read.
+
+Every setting is optional and has a default that works on a developer machine.
+A bad value raises :class:`onelane.core.errors.ConfigError` naming the variable, so a
+worker, beat or producer refuses to start instead of misbehaving later.
+
+Durations carry their unit in the field name. Relations between timeouts are
+checked in :func:`check_relations`, with messages that name both values.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from onelane.core.errors import ConfigError
+from onelane.core.limits import Limit, parse_limits
+
+#: Set by a guarded worker for its pool children: the owner written in in-flight records.
+#: Internal, not a user setting.
+WORKER_ID_ENV = "ONELANE_WORKER_ID"
+
+#: The largest per-call ``timeout`` a callout may ask for (seconds).
+MAX_CALLOUT_TIMEOUT_S = 3600.0
+
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All onelane settings, read once from the environment."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    queue: str = "serial"
+    #: hard total deadline of one HTTP attempt when a call gives no ``timeout``
+    callout_timeout_s: float = 60.0
+    max_attempts: int = 5
+    #: the guard lease of the serial queue expires this long after its last renewal
+    guard_ttl_ms: int = 10_000
+    #: a worker waits as hot standby instead of refusing to start
+    standby: bool = False
+    #: a callout lease outlives the attempt's deadline by this much
+    lease_grace_ms: int = 1_000
+    #: release a provably dead holder's lease at once (only for APIs that abort
+    #: work when the client disconnects)
+    release_dead_holder: bool = False
+    #: how long a completed task id / idempotency key is remembered
+    dedupe_window_s: int = 86_400
+    #: how long Celery keeps task results
+    result_expires_s: int = 86_400
+    #: how often beat runs the reaper
+    reap_interval_s: float = 2.0
+    #: retry backoff: full jitter over base * 2**n, capped
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    #: a Retry-After header is honoured up to this many seconds
+    retry_after_max_s: float = 300.0
+    #: statuses retried (connection errors and timeouts always are)
+    retry_statuses: frozenset = frozenset({408, 425, 429, 500, 502, 503, 504})
+    #: "strict": a retry holds the queue; "relaxed": it waits in a delay set and the queue moves on
+    ordering: str = "strict"
+    #: circuit breaker: open after this many consecutive retryable failures of a resource
+    circuit_threshold: int = 5
+    circuit_cooldown_s: float = 30.0
+    circuit_cooldown_max_s: float = 300.0
+    #: redirects: "same-host" (default), "any" or "none"
+    redirects: str = "same-host"
+    #: response bodies above this are truncated and flagged
+    max_response_bytes: int = 1 << 20
+    #: kombu's visibility timeout (seconds); 0 means "derive a safe value"
+    visibility_timeout_s: int = 0
+    #: egress: host or host:port patterns a callout may reach (empty: any public host)
+    allowed_hosts: tuple = ()
+    #: allow callouts to loopback, link-local and private addresses (the demo and tests do)
+    allow_private_networks: bool = False
+    #: worker-side per-resource headers (JSON file: {"resource": {"Header": "value"}})
+    credentials_file: str = ""
+    #: header names masked wherever a request or response is shown or stored
+    redact_headers: frozenset = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie",
+                                           "x-api-key"})
+    #: the largest callout message (JSON of its arguments) accepted
+    max_message_bytes: int = 1 << 20
+    #: CA bundle for rediss:// (TLS) connections
+    redis_ca_certs: str = ""
+    #: the queue of capped (N > 1) callouts, consumed by thread-pool workers
+    bulk_queue: str = "bulk"
+    #: per-resource limits, parsed from ONELANE_LIMITS / ONELANE_LIMITS_FILE: (resource, Limit) pairs
+    limits: tuple = ()
+    #: every key onelane writes starts with this
+    key_prefix: str = "onelane"
+
+    def limit_for(self, resource: str) -> Limit:
+        """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
+        for name, limit in self.limits:
+            if name == resource:
+                return limit
+        return Limit()
+
+    @property
+    def renew_every_ms(self) -> int:
+        """The guard heartbeat interval: a third of its TTL."""
+        return max(100, self.guard_ttl_ms // 3)
+
+    @property
+    def effective_visibility_timeout_s(self) -> int:
+        """kombu's visibility timeout: above the longest time a message may stay unacked."""
+        return self.visibility_timeout_s or self.longest_unacked_s() + 600
+
+    def longest_unacked_s(self) -> int:
+        """The longest a serial message can legitimately stay unacknowledged.
+
+        Every attempt may use the largest allowed timeout plus the lease grace,
+        every gap between attempts the largest backoff, and the first attempt may
+        wait one more full lease for a killed predecessor.
+        """
+        lease_s = MAX_CALLOUT_TIMEOUT_S + self.lease_grace_ms / 1000
+        gap_s = max(self.backoff_max_s, self.retry_after_max_s) + self.circuit_cooldown_max_s
+        return int((self.max_attempts + 1) * lease_s + self.max_attempts * gap_s)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _number(env, name, default, *, kind=float, low=None, high=None, low_open=False):
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {what}; unset it to use the default {default}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        raise ConfigError(
+            f"{name}={raw!r} is out of range {lo}{low}, {high if high is not None else 'inf'}]; "
+            f"unset it to use the default {default}"
+        )
+    return value
+
+
+def _flag(env, name, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0 (also true/false, yes/no, on/off)")
+
+
+def _choice(env, name, default: str, allowed: tuple) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() not in allowed:
+        raise ConfigError(f"{name}={raw!r} must be one of: {', '.join(allowed)}")
+    return raw.lower()
+
+
+def _statuses(env, name, default: frozenset) -> frozenset:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        codes = frozenset(int(x) for x in raw.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} must be a comma-separated list of HTTP statuses, e.g. 429,503") from None
+    bad = sorted(c for c in codes if not 100 <= c <= 599)
+    if bad or not codes:
+        raise ConfigError(f"{name}={raw!r} must list HTTP statuses between 100 and 599")
+    return codes
+
+
+def _host_patterns(env, name) -> tuple:
+    raw = _get(env, name)
+    if raw is None:
+        return ()
+    out = []
+    for item in (x.strip().lower() for x in raw.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        if port and not port.isdigit():
+            raise ConfigError(f"{name}: {item!r} has a bad port; use host or host:port, e.g. api.example.com:443")
+        if not re.match(r"^[a-z0-9*.\-\[\]:]+$", host or item):
+            raise ConfigError(f"{name}: {item!r} is not a host pattern (letters, digits, '.', '-', '*')")
+        out.append(item)
+    return tuple(out)
+
+
+def _names(env, name, default: frozenset) -> frozenset:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    names = frozenset(x.strip().lower() for x in raw.split(",") if x.strip())
+    if not names:
+        raise ConfigError(f"{name}={raw!r} must list header names, e.g. Authorization,X-Api-Key")
+    return names
+
+
+def _path(env, name) -> str:
+    raw = _get(env, name)
+    if raw is None:
+        return ""
+    if not os.path.isfile(raw):
+        raise ConfigError(f"{name}={raw!r}: no such file")
+    return raw
+
+
+def _queue_name(env, name, default) -> str:
+    raw = _get(env, name) or default
+    if not _QUEUE_RE.match(raw):
+        raise ConfigError(f"{name}={raw!r} must be 1-100 letters, digits, '_', '.' or '-'")
+    return raw
+
+
+def _limits_json(env) -> str:
+    """ONELANE_LIMITS (inline JSON) or the file named by ONELANE_LIMITS_FILE, as text."""
+    inline, path = _get(env, "ONELANE_LIMITS"), _path(env, "ONELANE_LIMITS_FILE")
+    if inline and path:
+        raise ConfigError("set ONELANE_LIMITS or ONELANE_LIMITS_FILE, not both")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return inline or ""
+
+
+def _redis_url(env) -> str:
+    raw = _get(env, "REDIS_URL") or Settings.redis_url
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"REDIS_URL={raw!r} must start with redis://, rediss:// or unix:// "
+            "(for example redis://localhost:6379/0)"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"REDIS_URL={raw!r} names no host (for example redis://localhost:6379/0)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"REDIS_URL={raw!r} has a bad port") from None
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting; raise ConfigError naming the first bad variable."""
+    env = os.environ if env is None else env
+    queue = _get(env, "ONELANE_QUEUE") or Settings.queue
+    if not _QUEUE_RE.match(queue):
+        raise ConfigError(
+            f"ONELANE_QUEUE={queue!r} must be 1-100 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    prefix = _get(env, "ONELANE_KEY_PREFIX") or Settings.key_prefix
+    if not _QUEUE_RE.match(prefix):
+        raise ConfigError(f"ONELANE_KEY_PREFIX={prefix!r} must be letters, digits, '_', '.' or '-'")
+    s = Settings(
+        redis_url=_redis_url(env),
+        queue=queue,
+        callout_timeout_s=_number(
+            env, "ONELANE_CALLOUT_TIMEOUT", 60.0, low=0, high=MAX_CALLOUT_TIMEOUT_S, low_open=True
+        ),
+        max_attempts=_number(env, "ONELANE_MAX_ATTEMPTS", 5, kind=int, low=1, high=100),
+        guard_ttl_ms=int(_number(env, "ONELANE_GUARD_TTL", 10.0, low=1, high=3600) * 1000),
+        standby=_flag(env, "ONELANE_STANDBY", False),
+        lease_grace_ms=int(_number(env, "ONELANE_LEASE_GRACE", 1.0, low=0, high=600) * 1000),
+        release_dead_holder=_flag(env, "ONELANE_RELEASE_DEAD_HOLDER", False),
+        dedupe_window_s=_number(env, "ONELANE_DEDUPE_WINDOW", 86_400, kind=int, low=1),
+        result_expires_s=_number(env, "ONELANE_RESULT_EXPIRES", 86_400, kind=int, low=1),
+        reap_interval_s=_number(env, "ONELANE_REAP_INTERVAL", 2.0, low=0.1, high=3600),
+        backoff_base_s=_number(env, "ONELANE_BACKOFF_BASE", 1.0, low=0, high=3600),
+        backoff_max_s=_number(env, "ONELANE_BACKOFF_MAX", 60.0, low=0, high=3600),
+        max_response_bytes=_number(
+            env, "ONELANE_MAX_RESPONSE_BYTES", 1 << 20, kind=int, low=1, high=1 << 30
+        ),
+        visibility_timeout_s=_number(env, "ONELANE_VISIBILITY_TIMEOUT", 0, kind=int, low=0),
+        retry_after_max_s=_number(env, "ONELANE_RETRY_AFTER_MAX", 300.0, low=0, high=3600),
+        retry_statuses=_statuses(env, "ONELANE_RETRY_STATUSES", Settings.retry_statuses),
+        ordering=_choice(env, "ONELANE_ORDERING", "strict", ("strict", "relaxed")),
+        circuit_threshold=_number(env, "ONELANE_CIRCUIT_THRESHOLD", 5, kind=int, low=1, high=10_000),
+        circuit_cooldown_s=_number(env, "ONELANE_CIRCUIT_COOLDOWN", 30.0, low=0.1, high=3600),
+        circuit_cooldown_max_s=_number(env, "ONELANE_CIRCUIT_COOLDOWN_MAX", 300.0, low=0.1, high=3600),
+        redirects=_choice(env, "ONELANE_REDIRECTS", "same-host", ("same-host", "any", "none")),
+        key_prefix=prefix,
+        allowed_hosts=_host_patterns(env, "ONELANE_ALLOWED_HOSTS"),
+        allow_private_networks=_flag(env, "ONELANE_ALLOW_PRIVATE_NETWORKS", False),
+        credentials_file=_path(env, "ONELANE_CREDENTIALS_FILE"),
+        redact_headers=_names(env, "ONELANE_REDACT_HEADERS", Settings.redact_headers),
+        max_message_bytes=_number(env, "ONELANE_MAX_MESSAGE_BYTES", 1 << 20, kind=int, low=1024, high=1 << 28),
+        redis_ca_certs=_path(env, "ONELANE_REDIS_CA_CERTS"),
+        bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
+        limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
+    )
+    check_relations(s)
+    if s.bulk_queue == s.queue:
+        raise ConfigError(f"ONELANE_BULK_QUEUE={s.bulk_queue!r} must differ from ONELANE_QUEUE={s.queue!r}")
+    return s
+
+
+def check_relations(s: Settings) -> None:
+    """Check the relations between timeouts; raise ConfigError naming both values."""
+    if s.backoff_max_s < s.backoff_base_s:
+        raise ConfigError(
+            f"ONELANE_BACKOFF_MAX={s.backoff_max_s} is below ONELANE_BACKOFF_BASE="
+            f"{s.backoff_base_s}; the cap must be at least the base"
+        )
+    if s.circuit_cooldown_max_s < s.circuit_cooldown_s:
+        raise ConfigError(
+            f"ONELANE_CIRCUIT_COOLDOWN_MAX={s.circuit_cooldown_max_s:g} is below ONELANE_CIRCUIT_COOLDOWN="
+            f"{s.circuit_cooldown_s:g}; the cap must be at least the first cool-down"
+        )
+    if s.visibility_timeout_s and s.visibility_timeout_s <= s.longest_unacked_s():
+        raise ConfigError(
+            f"ONELANE_VISIBILITY_TIMEOUT={s.visibility_timeout_s} s is not above the longest time a "
+            f"serial message may stay unacknowledged ({s.longest_unacked_s()} s = "
+            f"(ONELANE_MAX_ATTEMPTS={s.max_attempts} + 1) x (max timeout {MAX_CALLOUT_TIMEOUT_S:g} s + "
+            f"ONELANE_LEASE_GRACE) + the longest waits between attempts (backoff, Retry-After, "
+            f"circuit cool-down)); "
+            "kombu would restore a running message and the callout would run twice. "
+            "Raise it or unset it to derive a safe value"
+        )
+    if s.renew_every_ms * 2 >= s.guard_ttl_ms:
+        raise ConfigError(
+            f"ONELANE_GUARD_TTL={s.guard_ttl_ms / 1000:g} s is too short for its renewal interval "
+            f"({s.renew_every_ms} ms); the renewal must come in under half the TTL"
+        )
+
+
+_cached: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, loaded on first use."""
+    global _cached
+    if _cached is None:
+        _cached = load_settings()
+    return _cached
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests that change the environment use this)."""
+    global _cached
+    _cached = None

@@ -1,0 +1,73 @@
+"""Flow control of a queue: pause/resume (the kill switch) and the delay set of relaxed retries.
+
+Pause is a key without expiry, so it survives worker restarts. A paused queue starts
+no new callout: a task that finds its queue paused waits on the resume signal for a
+moment, then gives its message back at the head of the queue (order and the message
+kept), so nothing is lost and nothing stays unacknowledged for long.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+from onelane.core.scripts import LuaScript
+from onelane.core.text import text
+from onelane.delivery.messages import mark_redelivered
+
+_DEFER = LuaScript(__package__, "defer")
+_PROMOTE = LuaScript(__package__, "promote_due")
+
+
+def pause(client, keys: Keys, queue: str, *, by: str = "") -> None:
+    info = {"by": by or f"{socket.gethostname()}", "at": time.time()}
+    client.set(keys.paused(queue), json.dumps(info))
+
+
+def resume(client, keys: Keys, queue: str) -> bool:
+    """Resume the queue; wake tasks waiting for it. False if it was not paused."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.paused(queue))
+    pipe.lpush(keys.resumed_signal(queue), "1")
+    pipe.ltrim(keys.resumed_signal(queue), 0, 0)
+    pipe.pexpire(keys.resumed_signal(queue), 10_000)
+    return bool(pipe.execute()[0])
+
+
+def paused_info(client, keys: Keys, queue: str) -> dict | None:
+    raw = client.get(keys.paused(queue))
+    return json.loads(raw) if raw is not None else None
+
+
+def wait_resumed(client, keys: Keys, queue: str, *, timeout_s: float) -> bool:
+    """Block (on the resume signal, not polling) until the queue is not paused, or the timeout."""
+    give_up = time.monotonic() + timeout_s
+    while client.exists(keys.paused(queue)):
+        left = give_up - time.monotonic()
+        if left <= 0:
+            return False
+        client.blpop([keys.resumed_signal(queue)], timeout=min(left, 2.0))
+    return True
+
+
+def defer(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, due_ms: int) -> bool:
+    """Move this unacked message to the delay set, due at ``due_ms`` (Redis clock). Atomic."""
+    for _ in range(3):
+        raw = client.hget(KOMBU_UNACKED, delivery_tag)
+        if raw is None:
+            return False
+        res = int(_DEFER(
+            client,
+            keys=[KOMBU_UNACKED, KOMBU_UNACKED_INDEX, keys.delayed(queue), keys.inflight(task_id),
+                  keys.inflight_index(queue)],
+            args=[delivery_tag, text(raw), mark_redelivered(text(raw)), int(due_ms), task_id],
+        ))
+        if res != -2:
+            return res == 1
+    return False
+
+
+def promote_due(client, keys: Keys, queue: str, *, limit: int = 100) -> int:
+    """Move due relaxed retries to the tail of the queue; return how many moved."""
+    return int(_PROMOTE(client, keys=[keys.delayed(queue), keys.queue_list(queue)], args=[limit]))

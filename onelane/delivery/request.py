@@ -1,0 +1,65 @@
+"""The worker-side request of ``tasks.callout``: a requeue goes to the head, not the tail.
+
+Celery requeues a task whose pool child died (``task_reject_on_worker_lost``) with
+``reject(requeue=True)``, and kombu's Redis transport puts such a message at the
+*tail* of the queue, behind everything published after it. For a strictly ordered
+queue that is wrong, so here the message moves back to the head, atomically with
+the removal of kombu's unacked copy (see :func:`onelane.delivery.inflight.requeue_at_head`).
+The killed attempt's resource lease stays until its deadline (the API may still be
+working on it) unless ONELANE_RELEASE_DEAD_HOLDER=1 says the API aborts on disconnect.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
+
+from onelane.coordination.lease import Lease
+from onelane.core.clients import client_for
+from onelane.core.keys import Keys
+from onelane.core.redaction import redact_kwargs
+from onelane.core.settings import get_settings
+from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, requeue_at_head
+
+log = logging.getLogger(__name__)
+
+
+class HeadRequeueRequest(Request):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # What the task-received event (and so Flower) shows: secrets masked, whatever the
+        # producer put in kwargsrepr.
+        try:
+            names = get_settings().redact_headers
+            self._kwargsrepr = saferepr(redact_kwargs(self._kwargs or {}, names), 1024)
+        except Exception:  # malformed arguments: the task itself reports them
+            self._kwargsrepr = "<unreadable arguments>"
+
+    def reject(self, requeue=False):
+        if not requeue or self.acknowledged:
+            return super().reject(requeue=requeue)
+        s = get_settings()
+        keys = Keys(s.key_prefix)
+        queue = (self.delivery_info or {}).get("routing_key") or s.queue
+        try:
+            client = client_for(s)
+            if s.release_dead_holder:
+                rec = Inflight(client, keys).get(self.id)
+                if rec is not None and rec.lease_token:
+                    Lease(client, rec.lease, keys=keys).release(rec.lease_token)
+                    log.warning("onelane: released the lease of %s's dead attempt at once "
+                                "(ONELANE_RELEASE_DEAD_HOLDER=1)", self.id)
+            res = requeue_at_head(client, keys, queue=queue, delivery_tag=self.message.delivery_tag,
+                                  task_id=self.id)
+        except Exception:  # Redis unreachable: fall back to kombu's own requeue (tail)
+            log.exception("onelane: could not requeue %s at the head; kombu will requeue it at the tail",
+                          self.id)
+            return super().reject(requeue=True)
+        if res not in (MOVED, NOT_HELD):
+            log.error("onelane: requeue of %s at the head returned %s; leaving it to the reaper", self.id, res)
+        else:
+            log.warning("onelane: %s lost its worker process; requeued at the head of %r", self.id, queue)
+        # kombu's copy is gone already; ack only clears the consumer's own bookkeeping.
+        self.acknowledge()
+        self.send_event("task-rejected", requeue=True)

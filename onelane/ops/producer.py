@@ -1,0 +1,41 @@
+"""Publishing callouts from Python: :func:`submit` validates before anything is sent."""
+from __future__ import annotations
+
+import redis
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from onelane.callout.validation import validate
+from onelane.core.clients import client_for, connect_hint, redact_url
+from onelane.core.errors import BrokerUnavailable
+from onelane.core.redaction import redact_kwargs
+from onelane.core.settings import get_settings
+
+
+def submit(url: str, **kwargs) -> AsyncResult:
+    """Validate a callout and publish it to the serial queue.
+
+    Raises ``ValueError`` (:class:`onelane.core.errors.ValidationError`) naming the bad
+    argument before anything is published, and :class:`BrokerUnavailable` when Redis
+    cannot be reached after bounded retries (about 3 s), instead of hanging.
+    """
+    s = get_settings()
+    req = validate({"url": url, **kwargs}, max_bytes=s.max_message_bytes)
+    from onelane.celery_app import app
+
+    try:
+        # A quick check with bounded retries first: Celery's result backend would otherwise
+        # retry its connection for about 20 s before giving up.
+        client_for(s).ping()
+        clean = req.as_kwargs()
+        # what Flower and the logs show of the arguments: secrets masked
+        shown = repr(redact_kwargs(clean, s.redact_headers))
+        return app.send_task("tasks.callout", kwargs=clean, queue=s.queue, retry=True, kwargsrepr=shown)
+    except redis.AuthenticationError as exc:
+        raise BrokerUnavailable(
+            f"Redis at {redact_url(s.redis_url)} refused the password ({exc}); check the password in REDIS_URL"
+        ) from exc
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        raise BrokerUnavailable(
+            f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries ({exc}); {connect_hint(exc)}"
+        ) from exc

@@ -1,0 +1,207 @@
+"""The callout run's steps, one by one, against the private Redis and an injected clock (no worker)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from celery.exceptions import Ignore
+
+from onelane.callout.classify import RETRY, Reply, Verdict
+from onelane.callout.ledger import Ledger, Outcome
+from onelane.callout.run import CalloutRun
+from onelane.core.errors import CalloutFailed, CalloutRejected
+from onelane.core.keys import Keys
+from onelane.core.settings import load_settings
+from onelane.coordination.circuit import Circuit
+from onelane.coordination.lease import Lease
+from onelane.delivery import flow
+from onelane.delivery.inflight import Inflight
+
+pytestmark = pytest.mark.redis
+
+KEYS = Keys()
+
+
+class FakeClock:
+    """Time that moves only when the run sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+
+@pytest.fixture
+def settings(redis_server):
+    return load_settings({"REDIS_URL": redis_server.url, "ONELANE_MAX_ATTEMPTS": "3",
+                          "ONELANE_ALLOW_PRIVATE_NETWORKS": "1"})
+
+
+def task_request(task_id="t1", queue="serial"):
+    return SimpleNamespace(id=task_id, delivery_info={"routing_key": queue}, properties={"delivery_tag": ""})
+
+
+def begin(settings, clock=None, **kwargs):
+    kwargs = {"url": "http://api.example/x", "json": {"n": 1}, **kwargs}
+    return CalloutRun.begin(task_request(), (), kwargs, settings=settings, clock=clock or FakeClock())
+
+
+def test_bad_arguments_are_dead_lettered_before_a_run_exists(redis_client, settings):
+    with pytest.raises(CalloutRejected) as info:
+        CalloutRun.begin(task_request("bad"), (), {"url": "ftp://x"}, settings=settings, clock=FakeClock())
+    assert "'url'" in str(info.value) and "the API was not called" in str(info.value)
+    entry = json.loads(redis_client.hget(KEYS.dead_letters("serial"), "bad"))
+    assert entry["kind"] == "invalid" and entry["request"] == {"url": "ftp://x"}
+
+
+def test_the_run_takes_its_defaults_from_the_queue_task_and_settings(redis_client, settings):
+    run = begin(settings)
+    assert run.resource == "serial" and run.idempotency_key == "t1"
+    assert run.timeout_ms == 60_000 and run.policy.max_attempts == 3 and not run.permits.capped
+
+
+def test_preflight_counts_attempts_and_returns_a_recorded_outcome_on_the_first_read_only(redis_client, settings):
+    run = begin(settings)
+    first = run.preflight()
+    assert first.prior is None and first.attempt == 1 and not first.paused and first.circuit.state == "closed"
+    # Given two finished attempts and an outcome recorded meanwhile by another copy
+    ledger = Ledger(redis_client, KEYS, window_s=60)
+    ledger.add_attempt("t1", {"attempt": 1})
+    ledger.add_attempt("t1", {"attempt": 2})
+    ledger.record_success(task_id="t1", queue="serial", idempotency_key="t1", result={"ok": 1}, now_ms=1)
+    # Then a later read counts the attempts but no longer looks for an outcome ...
+    again = run.preflight()
+    assert again.attempt == 3 and again.prior is None
+    # ... while a new run (a redelivered copy) finds it and returns it without calling
+    copy = begin(settings)
+    check = copy.preflight()
+    assert check.prior == Outcome("success", "t1", result={"ok": 1})
+    assert copy.recorded(check.prior) == {"ok": 1}
+
+
+def test_a_recorded_failure_is_raised_again(redis_client, settings):
+    run = begin(settings)
+    with pytest.raises(CalloutFailed, match="it broke"):
+        run.recorded(Outcome("failure", "t1", error="it broke"))
+
+
+def test_an_open_circuit_makes_a_strict_run_wait_a_second_at_a_time(redis_client, settings):
+    clock = FakeClock()
+    run = begin(settings, clock)
+    circuit = Circuit(redis_client, KEYS, "serial", threshold=1, cooldown_ms=5_000, cooldown_max_ms=5_000)
+    circuit.record(ok=False)  # opens it for 5 s
+    assert run.wait_until_open(run.preflight()) is False
+    assert clock.slept == [1.0]
+    circuit.record(ok=True)
+    assert run.wait_until_open(run.preflight()) is True
+    assert clock.slept == [1.0]
+
+
+def test_a_paused_queue_that_resumes_in_time_lets_the_attempt_start(redis_client, settings):
+    run = begin(settings)
+    flow.pause(redis_client, KEYS, "serial")
+    check = run.preflight()
+    assert check.paused
+    flow.resume(redis_client, KEYS, "serial")
+    assert run.wait_until_open(check) is True
+
+
+def test_a_queue_still_paused_gives_the_message_back_and_ends_the_run(redis_client, settings, monkeypatch):
+    import onelane.callout.run as run_module
+
+    monkeypatch.setattr(run_module, "PAUSE_WAIT_S", 0.05)
+    run = begin(settings)
+    flow.pause(redis_client, KEYS, "serial")
+    with pytest.raises(Ignore):
+        run.wait_until_open(run.preflight())
+
+
+def test_the_permit_holds_the_lease_with_the_attempt_in_flight_and_releases_it(redis_client, settings):
+    run = begin(settings)
+    check = run.preflight()
+    lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
+    with run.permit(check) as attempt:
+        # Then while the attempt runs, its lease is held and its record names it
+        holder = lease.holder()
+        assert holder is not None and holder.token == attempt.grant.token
+        rec = Inflight(redis_client, KEYS).get("t1")
+        assert rec.lease == lease.name and rec.attempt == 1 and rec.lease_token == attempt.grant.token
+        assert attempt.grant.fence == lease.fence() >= 1
+    assert lease.holder() is None and attempt.released
+
+
+def test_the_permit_is_released_when_the_block_raises(redis_client, settings):
+    run = begin(settings)
+    lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
+    with pytest.raises(RuntimeError):
+        with run.permit(run.preflight()):
+            raise RuntimeError("boom")
+    assert lease.holder() is None
+
+
+def test_success_records_the_outcome_and_releases_in_one_step(redis_client, settings):
+    run = begin(settings)
+    response = SimpleNamespace(status_code=200, headers={"Content-Type": "application/json", "Set-Cookie": "s=1"},
+                               body=b'{"ok": true}', encoding="utf-8", elapsed_ms=5.0, url=run.request.url,
+                               truncated=False, content_type="application/json")
+    with run.permit(run.preflight()) as attempt:
+        result = run.record_success(attempt, Reply(response=response, started=1.0, elapsed_ms=5.0),
+                                    Verdict("succeeded", api_up=True))
+        assert attempt.released
+    assert result["json"] == {"ok": True} and result["headers"]["Set-Cookie"] == "***"
+    assert result["fencing_token"] == attempt.grant.fence and result["attempts"] == 1
+    assert json.loads(redis_client.get(KEYS.done("t1")))["status"] == "success"
+    assert Inflight(redis_client, KEYS).get("t1") is None
+    assert Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS).holder() is None
+
+
+def test_a_strict_retry_sleeps_the_verdicts_wait_on_the_runs_clock(redis_client, settings):
+    clock = FakeClock()
+    run = begin(settings, clock)
+    with run.permit(run.preflight()) as attempt:
+        pass
+    run.wait_before_retry(attempt, Verdict(RETRY, "503 down", wait_s=2.5))
+    assert clock.slept == [2.5]
+
+
+def test_a_relaxed_retry_of_an_eager_call_cannot_defer_so_it_sleeps(redis_client, redis_server):
+    s = load_settings({"REDIS_URL": redis_server.url, "ONELANE_ORDERING": "relaxed"})
+    clock = FakeClock()
+    run = begin(s, clock)
+    with run.permit(run.preflight()) as attempt:
+        pass
+    run.wait_before_retry(attempt, Verdict(RETRY, "503 down", wait_s=0.75))
+    assert clock.slept == [0.75]
+
+
+def test_a_failed_attempt_is_kept_and_the_circuit_counts_it(redis_client, settings):
+    run = begin(settings)
+    with run.permit(run.preflight()) as attempt:
+        pass
+    run.record_attempt(attempt, Reply(error="connection error: refused", started=1.0),
+                       Verdict(RETRY, "connection error: refused", wait_s=1.0, api_up=False))
+    assert [a["error"] for a in Ledger(redis_client, KEYS, window_s=60).attempts("t1")] == [
+        "connection error: refused"]
+    assert int(redis_client.hget(KEYS.circuit("serial"), "failures")) == 1
+    assert run.preflight().attempt == 2
+
+
+def test_dead_letter_keeps_the_request_and_every_attempt_and_returns_the_error(redis_client, settings):
+    run = begin(settings, headers={"Authorization": "Bearer secret"})
+    Ledger(redis_client, KEYS, window_s=60).add_attempt("t1", {"attempt": 1, "status_code": 500})
+    error = run.dead_letter("failed after 1 attempts; last: 500")
+    assert isinstance(error, CalloutFailed)
+    assert str(error) == "POST http://api.example/x: failed after 1 attempts; last: 500; dead-lettered as t1"
+    entry = json.loads(redis_client.hget(KEYS.dead_letters("serial"), "t1"))
+    assert entry["request"]["headers"] == {"Authorization": "***"}
+    assert entry["attempts"] == [{"attempt": 1, "status_code": 500}] and entry["kind"] == "failed"
