@@ -26,8 +26,10 @@ def celery_config(s: Settings) -> dict:
         # kombu's Redis transport with a fetch that cannot lose a message (onelane/delivery/transport.py)
         "broker_transport": "onelane.delivery.transport:Transport",
         "result_backend": s.redis_url,
-        "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),
-                        Queue(s.bulk_queue, Exchange(s.bulk_queue, type="direct"), routing_key=s.bulk_queue)),
+        # the default lane; a worker started with -Q <lane> (or -Q bulk) gets its queue declared on
+        # demand (task_create_missing_queues), with the same direct exchange shape
+        "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),),
+        "task_create_missing_queues": True,
         "task_default_queue": q,
         "task_default_exchange": q,
         "task_default_routing_key": q,
@@ -64,6 +66,8 @@ def celery_config(s: Settings) -> dict:
         "result_accept_content": ["json"],
         "enable_utc": True,
         "beat_scheduler": "onelane.delivery.scheduler:OnelaneScheduler",
+        # a message the worker cannot run is dead-lettered and marked FAILURE, never dropped silently
+        "worker_consumer": "onelane.consumer:Consumer",
         "beat_schedule": {
             "onelane-reaper": {"task": REAPER_ENTRY, "schedule": s.reap_interval_s},
         },

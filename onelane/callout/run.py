@@ -34,7 +34,7 @@ from celery.exceptions import Ignore
 from onelane.callout import credentials, http
 from onelane.callout.classify import Reply, RetryPolicy, Verdict
 from onelane.callout.egress import EgressPolicy
-from onelane.callout.ledger import FAILURE, Ledger, Outcome
+from onelane.callout.ledger import FAILURE, Ledger, Outcome, count_batch_outcome
 from onelane.callout.permit import Permit, permit_for
 from onelane.callout.result import attempt_entry, dead_letter_entry, storable, success_result
 from onelane.callout.validation import CalloutRequest, validate
@@ -44,6 +44,7 @@ from onelane.core.clients import client_for
 from onelane.core.clock import redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
+from onelane.core.redaction import redact_url
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import flow
@@ -137,6 +138,7 @@ class CalloutRun:
                                           self.inflight, lease_grace_ms=s.lease_grace_ms)
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
+        self._said_circuit_open = False
 
     # -- begin ------------------------------------------------------------------------------
     @classmethod
@@ -207,7 +209,10 @@ class CalloutRun:
         if self.settings.ordering == "relaxed":
             self._defer_or_sleep(blocked_s, f"circuit of {self.resource!r} open")
         else:
-            log.warning("onelane: circuit of %r open; %s waits %.1f s", self.resource, self.task_id, blocked_s)
+            if not self._said_circuit_open:  # once per run: the opening itself was logged with its end
+                log.info("onelane: %s waits for the circuit of %r to close (%.1f s)", self.task_id,
+                         self.resource, blocked_s)
+                self._said_circuit_open = True
             self.clock.sleep(min(blocked_s, CIRCUIT_NAP_S))
         return False
 
@@ -279,18 +284,20 @@ class CalloutRun:
         circuit in one transaction; return the result."""
         d, req = self.delivery, self.request
         result = success_result(reply, attempt=attempt.number, fence=attempt.grant.fence, task_id=d.task_id,
-                                idempotency_key=self.idempotency_key, resource=self.resource,
+                                idempotency_key=self.idempotency_key, resource=self.resource, lane=d.queue,
                                 method=req.method, url=req.url, redact=self.settings.redact_headers)
         if self.permits.capped:
             result["waited_ms"] = round(attempt.waited_ms, 1)
         entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
+        finished_ms = attempt.grant.now_ms + int(entry["elapsed_ms"])
         done = self.client.pipeline(transaction=True)
         self.ledger.add_attempt(d.task_id, entry, pipe=done)
         self.ledger.record_success(task_id=d.task_id, queue=d.queue, idempotency_key=self.idempotency_key,
-                                   result=result, now_ms=attempt.grant.now_ms + int(entry["elapsed_ms"]), pipe=done)
+                                   result=result, now_ms=finished_ms, pipe=done)
         self.permits.release(attempt.grant, pipe=done)
         self.circuit.record(ok=True, pipe=done)
-        self._count_batch(done, "done")
+        if d.batch:
+            count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
         try:
             done.execute()
         except redis.exceptions.NoScriptError:
@@ -305,8 +312,14 @@ class CalloutRun:
         """Keep a failed attempt (for the attempt count and the dead letter); the circuit learns from it."""
         self.ledger.add_attempt(self.task_id, attempt_entry(reply, verdict, attempt=attempt.number,
                                                             fence=attempt.grant.fence))
-        if verdict.api_up is not None:
-            self.circuit.record(ok=verdict.api_up)
+        if verdict.api_up is None:
+            return
+        after = self.circuit.record(ok=verdict.api_up, task_id=self.task_id)
+        if after.opened_now:
+            closes = time.strftime("%H:%M:%S", time.localtime(time.time() + after.cooldown_ms / 1000))
+            log.warning("onelane: circuit of %r opened after %d failing callout(s) in a row (last: %s); no "
+                        "callout to it starts until %s (cool-down %.0f s)", self.resource, after.failures,
+                        verdict.reason, closes, after.cooldown_ms / 1000)
 
     def wait_before_retry(self, attempt: Attempt, verdict: Verdict) -> None:
         """Wait the verdict's time before the next attempt: strict order holds the queue (sleeps);
@@ -346,10 +359,6 @@ class CalloutRun:
             raise Ignore()
         self.clock.sleep(wait_s)
 
-    def _count_batch(self, pipe, field: str) -> None:
-        if self.delivery.batch:
-            pipe.hincrby(self.keys.batch(self.delivery.batch), field, 1)
-
     def _release_quietly(self, attempt: Attempt) -> None:
         try:
             self.permits.release(attempt.grant)
@@ -375,7 +384,7 @@ def describe_failure(exc: Exception) -> tuple[str, bool]:
 def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: ValidationError) -> CalloutRejected:
     """Dead-letter a message whose arguments are wrong; return the error to raise."""
     if exc.field == "payload":  # too large or not JSON: keep a summary, not the payload
-        stored = {"url": str(kwargs.get("url"))[:2000], "omitted": "arguments too large or not JSON"}
+        stored = {"url": redact_url(str(kwargs.get("url")))[:2000], "omitted": "arguments too large or not JSON"}
     if args:
         stored = {**stored, "args": [repr(a)[:200] for a in args]}
     log.warning("onelane: rejected %s: %s (dead-lettered, the API was not called)", delivery.task_id, exc)
@@ -389,9 +398,10 @@ def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, sto
                         kind: str, attempts: list) -> None:
     entry = dead_letter_entry(delivery.task_id, delivery.queue, stored, reason=error, kind=kind,
                               attempts=attempts, batch=delivery.batch)
+    now_ms = redis_now_ms(client)
     Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
-        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry,
-        now_ms=redis_now_ms(client))
+        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms)
     if delivery.batch:
-        client.hincrby(keys.batch(delivery.batch), "failed" if kind == "invalid" else "dead_lettered", 1)
+        count_batch_outcome(client, keys, delivery.batch, "failed" if kind == "invalid" else "dead_lettered",
+                            now_ms=now_ms)
     log.error("onelane: %s dead-lettered: %s", delivery.task_id, error)

@@ -7,6 +7,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from onelane.core.redaction import redact_url  # noqa: F401  (REDIS_URL as shown in messages)
+
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
 
@@ -36,17 +38,6 @@ def get_client(url: str, *, ca_certs: str = "") -> redis.Redis:
 def client_for(settings) -> redis.Redis:
     """The process's client for the settings' Redis (TLS CA bundle included)."""
     return get_client(settings.redis_url, ca_certs=settings.redis_ca_certs)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def exposure_warning(client, url: str) -> str | None:
@@ -89,6 +80,17 @@ def version_problem(version: str) -> str | None:
 def is_tls_verify_failure(exc: BaseException) -> bool:
     """Did the connection fail because the server's TLS certificate could not be verified?"""
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def is_not_redis(exc: BaseException) -> bool:
+    """Did something answer on REDIS_URL, but not in Redis's protocol (an HTTP server, say)?"""
+    return isinstance(exc, redis.exceptions.InvalidResponse)
+
+
+def not_redis_message(url: str, exc: BaseException) -> str:
+    """The one line to show when REDIS_URL points at something that is not Redis."""
+    return (f"REDIS_URL {redact_url(url)} answered, but not as Redis ({exc}); point REDIS_URL at a Redis "
+            "server, e.g. redis://host:6379/0")
 
 
 def connect_hint(exc: BaseException) -> str:

@@ -21,11 +21,15 @@ from onelane.core.limits import Limit, parse_limits
 #: Set by a guarded worker for its pool children: the owner written in in-flight records.
 #: Internal, not a user setting.
 WORKER_ID_ENV = "ONELANE_WORKER_ID"
+#: Set by a worker's guard: the one queue (lane or bulk) it consumes. Internal, not a user setting.
+WORKER_QUEUE_ENV = "ONELANE_WORKER_QUEUE"
 
 #: The largest per-call ``timeout`` a callout may ask for (seconds).
 MAX_CALLOUT_TIMEOUT_S = 3600.0
 
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+#: a queue (lane) name: what Redis keys and Celery queue names can carry safely
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_QUEUE_RE = QUEUE_NAME_RE
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

@@ -14,7 +14,7 @@ from celery.beat import Scheduler
 from onelane.core.clients import client_for
 from onelane.core.keys import Keys
 from onelane.core.settings import get_settings
-from onelane.delivery.reaper import reap
+from onelane.delivery.reaper import reap_everything
 
 #: beat entries with this name run inside the beat process itself (never queued behind a callout)
 REAPER_ENTRY = "onelane.reap"
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 def run_reaper():
     s = get_settings()
-    report = reap(client_for(s), Keys(s.key_prefix), queue=s.queue, margin_ms=s.guard_ttl_ms,
-                    bulk_queue=s.bulk_queue)
+    report = reap_everything(client_for(s), Keys(s.key_prefix), s)
     if report:
         log.warning("onelane: reaper: %s", report.summary())
     return report
