@@ -13,6 +13,7 @@
    thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls.
 6. Lanes: the memory of one lane's worker (prefork and --pool solo), and 20 lanes on one
    host, one worker each, all progressing at once.
+7. Redis memory: bytes per queued callout (100 000 queued) and per dead letter.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -284,6 +285,44 @@ def lanes(count: int, per_lane: int, pool: str = "solo"):
     return out
 
 
+# -- 7. Redis memory -------------------------------------------------------------------------------
+def redis_memory(queued: int, dead: int):
+    """Redis memory per queued callout (published with send_task) and per dead letter (5 attempts)."""
+    import redis as redis_py
+
+    from onelane.callout.ledger import Ledger
+    from onelane.core.keys import Keys
+
+    with RedisServer(appendonly=False) as server:
+        client = redis_py.Redis.from_url(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        kwargs = {"url": "https://api.example.com/orders/123456", "json": {"order": 123456, "status": "shipped",
+                  "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]}, "resource": "erp"}
+        with app.producer_or_acquire() as producer:  # one warm-up publish declares the queue
+            app.send_task("tasks.callout", kwargs=kwargs, queue="mem", producer=producer)
+            client.delete("mem")
+            before = int(client.info("memory")["used_memory"])
+            for i in range(queued):
+                app.send_task("tasks.callout", kwargs={**kwargs, "idempotency_key": f"order-{i}"}, queue="mem",
+                              producer=producer, ignore_result=True)
+        after_queue = int(client.info("memory")["used_memory"])
+        assert client.llen("mem") == queued
+        keys = Keys()
+        ledger = Ledger(client, keys, window_s=86_400)
+        attempts = [{"attempt": n, "started": time.time(), "elapsed_ms": 30012.5, "fencing_token": 1796158025989229 + n,
+                     "status_code": 503, "error": None, "retry_in_s": 1.5} for n in range(1, 6)]
+        for i in range(dead):
+            tid = f"dead-{i:06d}-{'x' * 24}"
+            entry = {"id": tid, "task_id": tid, "queue": "mem", "kind": "failed", "reason": "POST https://api."
+                     "example.com/orders/123456: failed after 5 attempts; last: 503 Service Unavailable",
+                     "request": kwargs, "attempts": attempts, "dead_lettered_at": time.time()}
+            ledger.record_failure(task_id=tid, queue="mem", error=entry["reason"], dead_letter=entry,
+                                  now_ms=int(time.time() * 1000))
+        after_dead = int(client.info("memory")["used_memory"])
+    return {"queued": queued, "bytes_per_queued_callout": round((after_queue - before) / queued),
+            "dead_letters": dead, "bytes_per_dead_letter": round((after_dead - after_queue) / dead)}
+
+
 # -- report ------------------------------------------------------------------------------------
 def report(res):
     t = Table(title=f"onelane benchmarks — {res['machine']}")
@@ -327,6 +366,11 @@ def report(res):
                   f"{ln['wall_s']} s (ideal {ln['ideal_s']} s)", f"{ln['total_rss_mb']} MB in all",
                   f"{ln['rss_mb_per_lane']} MB/lane; {ln['max_lanes_in_flight_at_once']} lanes in flight at "
                   f"once; {ln['overlaps_within_a_lane']} overlaps")
+    mem = res.get("redis_memory")
+    if mem:
+        t.add_row(f"Redis memory: per queued callout ({mem['queued']} queued) / per dead letter",
+                  f"{mem['bytes_per_queued_callout']} B / {mem['bytes_per_dead_letter']} B", "",
+                  f"1 GB holds ~{(1 << 30) // max(1, mem['bytes_per_queued_callout']):,} queued callouts")
     console.print(t)
 
 
@@ -359,6 +403,8 @@ def main(argv=None) -> int:
     lane_count = 3 if a.quick else 20
     console.print(f"lanes: {lane_count} lanes on one host ...")
     res["lanes"] = lanes(lane_count, 2 if a.quick else 5)
+    console.print("redis memory ...")
+    res["redis_memory"] = redis_memory(2000 if a.quick else 100_000, 200 if a.quick else 10_000)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

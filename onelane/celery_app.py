@@ -46,6 +46,15 @@ def celery_config(s: Settings) -> dict:
         # kombu restores unacked messages older than this; it must exceed the longest callout
         "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
+        # A Redis that refuses for a while (OOM at maxmemory, READONLY during a failover) is a
+        # reason to reconnect and go on, never to exit: the consumer treats those replies as it
+        # treats a lost connection, and the result backend retries them like one (~5 min).
+        "broker_channel_error_retry": True,
+        "result_backend_transport_options": {
+            "additional_connection_errors": ["redis.exceptions.OutOfMemoryError", "redis.exceptions.ReadOnlyError",
+                                             "redis.exceptions.ExecAbortError"],
+            "retry_policy": {"max_retries": 300, "interval_start": 0, "interval_step": 0.2, "interval_max": 1},
+        },
         "broker_connection_timeout": 5,
         "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                       "interval_max": 1.0},

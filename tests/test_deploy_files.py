@@ -39,6 +39,7 @@ def test_compose_redis_has_aof_everysec_a_volume_and_a_password():
     cmd = redis["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
     assert cmd[cmd.index("--appendfsync") + 1] == "everysec"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
     assert "--requirepass" in cmd
     assert any(v.endswith(":/data") for v in redis["volumes"])
     env = compose()["services"]["worker"]["environment"]

@@ -209,7 +209,7 @@ def test_beat_killed_and_doubled_requeues_once_loses_nothing(base_env, redis_cli
         items = redis_client.lrange("serial", 0, -1)
         return any(json.loads(i)["headers"]["id"] == r1.id for i in items)
 
-    wait_for(requeued, 15, what="the orphan to be requeued by a beat")
+    wait_for(requeued, 30, what="the orphan to be requeued by a beat")
     time.sleep(1.5)  # both beats get several more passes
     ids = [json.loads(i)["headers"]["id"] for i in redis_client.lrange("serial", 0, -1)]
     assert ids.count(r1.id) == 1, "requeued twice"

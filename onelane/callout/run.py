@@ -40,7 +40,7 @@ from onelane.callout.result import attempt_entry, dead_letter_entry, storable, s
 from onelane.callout.validation import CalloutRequest, validate
 from onelane.coordination.circuit import Circuit, CircuitState
 from onelane.coordination.lease import Grant, new_token
-from onelane.core.clients import client_for
+from onelane.core.clients import client_for, ride_out
 from onelane.core.clock import redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
@@ -165,6 +165,9 @@ class CalloutRun:
     # -- before an attempt --------------------------------------------------------------------
     def preflight(self) -> Preflight:
         """One round trip: recorded outcome, attempts so far, pause, circuit, the Redis clock."""
+        return self._redis(self._preflight)
+
+    def _preflight(self) -> Preflight:
         d, s = self.delivery, self.settings
         pipe = self.client.pipeline(transaction=False)
         self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
@@ -201,7 +204,8 @@ class CalloutRun:
         relaxed order an open circuit moves it to the delay set.
         """
         d = self.delivery
-        if check.paused and not flow.wait_resumed(self.client, self.keys, d.queue, timeout_s=PAUSE_WAIT_S):
+        if check.paused and not self._redis(
+                lambda: flow.wait_resumed(self.client, self.keys, d.queue, timeout_s=PAUSE_WAIT_S)):
             raise self.give_back_at_head("queue paused")
         blocked_s = check.circuit.blocked_for_ms / 1000
         if not blocked_s:
@@ -232,10 +236,11 @@ class CalloutRun:
             task_id=d.task_id, queue=d.queue, resource=self.resource, owner=d.owner, lease="", lease_token="",
             fence=0, started_ms=0, deadline_ms=0, attempt=check.attempt, delivery_tag=d.delivery_tag,
             host=socket.gethostname(), pid=os.getpid(), kwargs=self.stored_kwargs)
+        token = new_token()
         try:
-            grant, waited_ms = self.permits.acquire(
-                record, token=new_token(), ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
-                timeout_ms=self.timeout_ms, redis_now_ms=now_ms)
+            grant, waited_ms = self._redis(lambda: self.permits.acquire(
+                record, token=token, ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
+                timeout_ms=self.timeout_ms, redis_now_ms=now_ms))
         except LeaseBusy as exc:
             raise self.dead_letter(f"{exc}; gave up waiting") from None
         attempt = Attempt(check.attempt, grant, waited_ms)
@@ -246,7 +251,7 @@ class CalloutRun:
                 self._release_quietly(attempt)
             raise
         if not attempt.released:
-            self.permits.release(grant)
+            self._redis(lambda: self.permits.release(grant))
             attempt.released = True
 
     def send(self, attempt: Attempt) -> Reply:
@@ -275,13 +280,23 @@ class CalloutRun:
             response, error, permanent = None, f"{type(exc).__name__}: {exc}", True
         reply = Reply(response=response, error=error, permanent=permanent, started=started,
                       elapsed_ms=(self.clock.time() - started) * 1000)
-        self.permits.feedback(reply, retry_after_max_s=self.settings.retry_after_max_s)
+        try:
+            self.permits.feedback(reply, retry_after_max_s=self.settings.retry_after_max_s)
+        except redis.RedisError as exc:  # best effort: the adaptive cap learns from the next reply
+            log.warning("onelane: %s: could not tell the permit how the API coped (%s)", self.task_id, exc)
         return reply
 
     # -- after the attempt ----------------------------------------------------------------------
     def record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
         """Record the outcome, drop the in-flight record, release the permit and close the
-        circuit in one transaction; return the result."""
+        circuit in one transaction; return the result.
+
+        The call has happened: while Redis refuses (out of memory, loading, away) this keeps
+        trying to record it, never calling the API again.
+        """
+        return self._redis(lambda: self._record_success(attempt, reply, verdict))
+
+    def _record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
         d, req = self.delivery, self.request
         result = success_result(reply, attempt=attempt.number, fence=attempt.grant.fence, task_id=d.task_id,
                                 idempotency_key=self.idempotency_key, resource=self.resource, lane=d.queue,
@@ -310,11 +325,11 @@ class CalloutRun:
 
     def record_attempt(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> None:
         """Keep a failed attempt (for the attempt count and the dead letter); the circuit learns from it."""
-        self.ledger.add_attempt(self.task_id, attempt_entry(reply, verdict, attempt=attempt.number,
-                                                            fence=attempt.grant.fence))
+        entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
+        self._redis(lambda: self.ledger.add_attempt(self.task_id, entry))
         if verdict.api_up is None:
             return
-        after = self.circuit.record(ok=verdict.api_up, task_id=self.task_id)
+        after = self._redis(lambda: self.circuit.record(ok=verdict.api_up, task_id=self.task_id))
         if after.opened_now:
             closes = time.strftime("%H:%M:%S", time.localtime(time.time() + after.cooldown_ms / 1000))
             log.warning("onelane: circuit of %r opened after %d failing callout(s) in a row (last: %s); no "
@@ -336,14 +351,16 @@ class CalloutRun:
         """Record the callout as failed for good, with its request and every attempt; return the
         error to raise (the task ends in FAILURE)."""
         error = f"{self.request.method} {self.request.url}: {reason}"
-        _record_dead_letter(self.settings, self.client, self.keys, self.delivery, self.stored_kwargs,
-                            error=error, kind="failed", attempts=self.ledger.attempts(self.task_id))
+        self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
+                                                self.stored_kwargs, error=error, kind="failed",
+                                                attempts=self.ledger.attempts(self.task_id)))
         return CalloutFailed(f"{error}; dead-lettered as {self.task_id}")
 
     def give_back_at_head(self, why: str) -> Ignore:
         """Put this message back at the head of its queue (order kept); return the Ignore that ends the run."""
         d = self.delivery
-        requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id)
+        self._redis(lambda: requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
+                                            task_id=d.task_id))
         log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
         return Ignore()
 
@@ -352,12 +369,22 @@ class CalloutRun:
         """Move the message to the delay set, due in ``wait_s``, and end the run (Ignore); a message
         not delivered through kombu (an eager call) cannot move, so sleep instead."""
         d = self.delivery
-        due_ms = redis_now_ms(self.client) + int(wait_s * 1000)
-        if flow.defer(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id,
-                      due_ms=due_ms):
+
+        def defer() -> bool:
+            due_ms = redis_now_ms(self.client) + int(wait_s * 1000)
+            return flow.defer(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
+                              task_id=d.task_id, due_ms=due_ms)
+
+        if self._redis(defer):
             log.warning("onelane: %s deferred %.2f s (%s); the queue moves on", d.task_id, wait_s, why)
             raise Ignore()
         self.clock.sleep(wait_s)
+
+    def _redis(self, fn):
+        """Run a Redis step of this run, waiting out a Redis that refuses for a while (out of memory,
+        loading, busy, read-only) or is away: such a spell delays a callout, it never fails or repeats it."""
+        return ride_out(fn, what=f"callout {self.task_id}", log=log, sleep=self.clock.sleep,
+                        monotonic=self.clock.monotonic)
 
     def _release_quietly(self, attempt: Attempt) -> None:
         try:

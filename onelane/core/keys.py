@@ -181,6 +181,17 @@ class Keys:
         """Hash: the task id at the head of the queue and when it was first seen there (ms), for status."""
         return f"{self.prefix}:head:{queue}"
 
+    # -- Redis itself
+    @property
+    def epoch(self) -> str:
+        """Hash: the id (random, written once) and birth of this Redis data set (see onelane.delivery.epoch)."""
+        return f"{self.prefix}:epoch"
+
+    @property
+    def data_loss(self) -> str:
+        """Hash: epoch id -> JSON of the data loss noticed when that epoch appeared."""
+        return f"{self.prefix}:data-loss"
+
     # -- kombu's
     @staticmethod
     def queue_list(queue: str) -> str:

@@ -96,6 +96,8 @@ class Settings:
     limits: tuple = ()
     #: every key onelane writes starts with this
     key_prefix: str = "onelane"
+    #: start even though Redis's maxmemory-policy could evict leases (a warning instead of a refusal)
+    allow_eviction: bool = False
 
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
@@ -309,6 +311,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_ca_certs=_path(env, "ONELANE_REDIS_CA_CERTS"),
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
+        allow_eviction=_flag(env, "ONELANE_ALLOW_EVICTION", False),
     )
     check_relations(s)
     if s.bulk_queue == s.queue:

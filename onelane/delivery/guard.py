@@ -39,16 +39,20 @@ from onelane.coordination.lease import Grant, Lease
 from onelane.core.clients import (
     client_for,
     connect_hint,
+    eviction_problem,
     exposure_warning,
     is_not_redis,
     is_tls_verify_failure,
     not_redis_message,
     redact_url,
+    ride_out,
+    transient_reason,
     version_problem,
 )
 from onelane.core.errors import GuardHeld, LeaseNotHeld, OnelaneError, WorkerMisconfigured
 from onelane.core.keys import Keys
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
+from onelane.delivery.epoch import EpochWatch
 from onelane.delivery.flow import absorb_priorities, promote_due
 from onelane.delivery.recovery import wait_and_requeue_orphans
 from onelane.delivery.registry import register_queue
@@ -99,6 +103,7 @@ class GuardService:
         self.queue = settings.queue
         self.lane: str | None = None
         self.lease: Lease | None = None
+        self.epoch: EpochWatch | None = None
         self._stop = threading.Event()
         self._thread = None
         self._terminating = False
@@ -128,9 +133,13 @@ class GuardService:
             self.lease = Lease(self.client, self.keys.guard_name(self.lane), keys=self.keys)
             self._check_one_at_a_time()
         self._connect()
-        register_queue(self.client, self.keys, self.queue, kind="lane" if self.lane else "bulk")
+        self.epoch = EpochWatch(self.client, self.keys, who=self.label)
+        self._redis(self.epoch.check, "the worker's start")
+        self._redis(lambda: register_queue(self.client, self.keys, self.queue,
+                                           kind="lane" if self.lane else "bulk"), "the worker's start")
         # Every worker shows it is alive; the reaper requeues tasks of workers that are not.
-        self.presence.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label)
+        self._redis(lambda: self.presence.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label),
+                    "the worker's start")
         if self.lane is None:
             self._start_heartbeat()
             log.info("onelane: worker %s… present on the bulk queue %r", self.token[:8], self.queue)
@@ -140,10 +149,10 @@ class GuardService:
         self._start_heartbeat()
         log.info("onelane: holding the guard of lane %r (token %s…, ttl %d ms, renewed every %d ms)",
                  self.lane, self.token[:8], self.s.guard_ttl_ms, self.s.renew_every_ms)
-        report = wait_and_requeue_orphans(
+        report = self._redis(lambda: wait_and_requeue_orphans(
             self.client, self.keys, queue=self.lane, owner=self.token, since_ms=self.since_ms,
             margin_ms=self.s.guard_ttl_ms, should_stop=self._stopping,
-        )
+        ), "the recovery of orphans before consuming")
         if report.requeued:
             log.warning("onelane: requeued %d orphaned callout(s) at the head of %r before consuming: %s",
                         len(report.requeued), self.lane, ", ".join(report.requeued))
@@ -165,12 +174,21 @@ class GuardService:
             raise
         if problem:
             raise OnelaneError(f"onelane: {problem}")
+        eviction = eviction_problem(self.client.info("memory"))
+        if eviction and not self.s.allow_eviction:
+            raise OnelaneError(f"onelane: {eviction}")
+        if eviction:
+            log.warning("onelane: %s (starting anyway: ONELANE_ALLOW_EVICTION=1)", eviction)
         warning = exposure_warning(self.client, self.s.redis_url)
         if warning:
             log.warning("onelane: %s", warning)
 
+    def _redis(self, fn, what: str):
+        """Run a start-up step, waiting out a Redis that refuses for a while (or is away)."""
+        return ride_out(fn, what=what, log=log, should_stop=self._stopping)
+
     def _take_guard(self) -> None:
-        got = self._take()
+        got = self._redis(self._take, "the worker's start")
         if isinstance(got, Grant):
             return
         if not self.s.standby:
@@ -188,18 +206,30 @@ class GuardService:
                 got = self.lease.acquire(self.token, ttl_ms=self.s.guard_ttl_ms, wait_ms=1000, label=self.label,
                                          since_ms=self.since_ms, should_stop=self._stopping)
             except Exception:
-                got = self._take()
+                got = self._redis(self._take, "the standby")
         self._withdraw_standby()
         log.warning("onelane: standby took over the guard of %r", self.lane)
 
     def _wait_for_redis(self, *, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for an unreachable Redis, and as long as it takes for one that is
+        loading its data (a restart with a large AOF answers LOADING until it is done)."""
         give_up = time.monotonic() + timeout_s
+        said_loading = False
         while True:
             try:
-                self.client.ping()
+                # a data command: PING and INFO answer even while Redis is still loading
+                self.client.exists(self.keys.epoch)
                 return
             except redis.AuthenticationError:
                 raise
+            except redis.BusyLoadingError:
+                if self._stopping():
+                    raise
+                if not said_loading:
+                    log.warning("onelane: Redis at %s is loading its data; waiting for it before consuming",
+                                redact_url(self.s.redis_url))
+                    said_loading = True
+                time.sleep(0.5)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > give_up or self._stopping() or is_tls_verify_failure(exc):
                     raise
@@ -259,6 +289,9 @@ class GuardService:
         self._thread.start()
 
     def _beat(self) -> None:
+        """The heartbeat: every 0.25 s due retries and prioritised messages to the queue; every third
+        of the guard TTL the presence and guard renewed and Redis's epoch checked. A Redis that is
+        away or refuses (out of memory, loading, busy, read-only) is waited out, never fatal."""
         every = self.s.renew_every_ms / 1000
         failing_since = None
         next_renew = time.monotonic() + every
@@ -268,28 +301,33 @@ class GuardService:
                 # go to the tail of the queue
                 promote_due(self.client, self.keys, self.queue)
                 absorb_priorities(self.client, self.keys, self.queue)
-                if time.monotonic() < next_renew:
+                if time.monotonic() < next_renew and failing_since is None:
                     continue
                 next_renew = time.monotonic() + every
+                self.epoch.check()
                 self._renew_presence()
-                if self.lane is None:
-                    continue
-                self.lease.renew(self.token, ttl_ms=self.s.guard_ttl_ms)
+                if self.lane is not None:
+                    self.lease.renew(self.token, ttl_ms=self.s.guard_ttl_ms)
                 if failing_since is not None:
-                    log.warning("onelane: Redis is back; guard of %r renewed", self.lane)
+                    log.warning("onelane: Redis answers again after %.1f s; guard of %r renewed",
+                                time.monotonic() - failing_since, self.queue)
                 failing_since = None
             except LeaseNotHeld:
-                got = self._take_back()
+                try:
+                    got = self._take_back()
+                except redis.RedisError:
+                    continue  # Redis away again: the next beat tries once more
                 if not isinstance(got, Grant):
                     log.critical("onelane: the guard of %r is now held by %s; stopping this worker so the "
                                  "lane keeps one consumer", self.lane, got.describe())
                     self.held = False
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
+                reason = transient_reason(exc) or f"unexpected Redis error {type(exc).__name__}: {exc}"
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("onelane: cannot renew the guard of %r (%s); retrying", self.queue, exc)
+                    log.warning("onelane: cannot renew the guard of %r: %s; retrying", self.queue, reason)
 
     def _renew_presence(self) -> None:
         try:

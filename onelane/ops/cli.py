@@ -16,7 +16,14 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from onelane.core.clients import client_for, connect_hint, is_not_redis, not_redis_message, redact_url
+from onelane.core.clients import (
+    client_for,
+    connect_hint,
+    is_not_redis,
+    not_redis_message,
+    redact_url,
+    refusal_reason,
+)
 from onelane.core.errors import ConfigError
 from onelane.core.keys import Keys
 from onelane.core.settings import get_settings
@@ -66,6 +73,10 @@ def _redis_errors(fn):
         except redis.RedisError as exc:
             if is_not_redis(exc):
                 raise click.ClickException(not_redis_message(get_settings().redis_url, exc)) from None
+            reason = refusal_reason(exc)
+            if reason:
+                raise click.ClickException(f"{reason} ({exc}); nothing was changed — try again once it "
+                                           "answers (see `onelane status`)") from None
             raise
     return wrapper
 
@@ -327,7 +338,24 @@ def render_overview(data):
     opened = [c for c in data["circuits"] if c["state"] != "closed"]
     if opened:
         parts.append("circuits not closed: " + ", ".join(f"{c['resource']} {c['state']}" for c in opened))
+    parts += _redis_lines(data["redis"])
     return Group(*parts)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.1f} MB"
+
+
+def _redis_lines(r: dict) -> list[str]:
+    """Redis as onelane depends on it: its policy, memory, and any data loss noticed."""
+    cap = _mb(r["maxmemory"]) if r["maxmemory"] else "no limit"
+    policy = r["maxmemory_policy"] if r["eviction_safe"] else f"[red]{r['maxmemory_policy']} (may evict leases)[/]"
+    lines = [f"redis {r['version']}: memory {_mb(r['used_memory'])} / {cap}, maxmemory-policy {policy}"]
+    for loss in r["data_losses"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["detected_ms"] / 1000))
+        lines.append(f"[red]Redis lost its data[/]: noticed {when} by {loss['detected_by']} (queued and in-flight "
+                     "callouts, dedupe history, dead letters and results held then are gone)")
+    return lines
 
 
 def render(snap):
@@ -345,7 +373,7 @@ def render(snap):
     head.add_row("head waits", _age(snap.head_waiting_s), "", "")
     for sb in snap.standbys:
         head.add_row("standby", f"{sb['label']} on {sb['host']} (pid {sb['pid']})", "", "")
-    parts = [head]
+    parts = [head, *_redis_lines(snap.redis)]
     if snap.in_flight:
         t = Table(title="in flight")
         for col in ("task id", "resource", "attempt", "elapsed s", "deadline in s", "fence"):

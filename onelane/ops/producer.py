@@ -6,7 +6,14 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from onelane.callout.validation import validate, validate_lane
-from onelane.core.clients import client_for, connect_hint, is_not_redis, not_redis_message, redact_url
+from onelane.core.clients import (
+    client_for,
+    connect_hint,
+    is_not_redis,
+    not_redis_message,
+    redact_url,
+    refusal_reason,
+)
 from onelane.core.errors import BrokerUnavailable
 from onelane.core.redaction import redact_kwargs
 from onelane.core.settings import get_settings
@@ -38,11 +45,19 @@ def submit(url: str | None = None, *, lane: str | None = None, **kwargs) -> Asyn
         raise BrokerUnavailable(
             f"Redis at {redact_url(s.redis_url)} refused the password ({exc}); check the password in REDIS_URL"
         ) from exc
-    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
-        raise BrokerUnavailable(
-            f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries ({exc}); {connect_hint(exc)}"
-        ) from exc
-    except redis.RedisError as exc:
-        if is_not_redis(exc):
-            raise BrokerUnavailable(not_redis_message(s.redis_url, exc)) from exc
-        raise
+    except (OperationalError, redis.RedisError) as exc:
+        raise _unavailable(s, exc) from exc
+
+
+def _unavailable(s, exc: Exception) -> Exception:
+    """The one clear error for a publish that Redis did not take; anything unforeseen as it came."""
+    reason = refusal_reason(exc) or refusal_reason(getattr(exc, "__cause__", None) or exc)
+    if reason:
+        return BrokerUnavailable(f"{reason} ({exc}); the callout was not published — publish it again "
+                                 "once Redis accepts writes")
+    if is_not_redis(exc):
+        return BrokerUnavailable(not_redis_message(s.redis_url, exc))
+    if isinstance(exc, (OperationalError, redis.ConnectionError, redis.TimeoutError)):
+        return BrokerUnavailable(f"could not publish to Redis at {redact_url(s.redis_url)} after 3 retries "
+                                 f"({exc}); {connect_hint(exc)}")
+    return exc

@@ -19,7 +19,9 @@ from onelane.coordination.lease import Lease
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
+from onelane.core.clients import eviction_problem
 from onelane.delivery import flow, registry
+from onelane.delivery.epoch import losses
 from onelane.delivery.inflight import Inflight
 from onelane.delivery.messages import parse_queued, task_id_of
 
@@ -47,6 +49,7 @@ class Snapshot:
     head_waiting_s: float | None = None
     circuits: list[dict] = field(default_factory=list)
     limits: list[dict] = field(default_factory=list)
+    redis: dict = field(default_factory=dict)
     completed: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
 
@@ -78,6 +81,21 @@ def _circuits(client, keys: Keys) -> list[dict]:
     return [{"resource": c.resource, "state": c.state, "failures": c.failures,
              "open_for_s": c.blocked_for_ms / 1000, "cooldown_s": c.cooldown_ms / 1000}
             for c in all_circuits(client, keys)]
+
+
+def redis_health(client, keys: Keys) -> dict:
+    """Redis as onelane depends on it: version, eviction policy, memory used / max, data losses noticed."""
+    mem = client.info("memory")
+    server = client.info("server")
+    problem = eviction_problem(mem)
+    return {
+        "version": server.get("redis_version"),
+        "maxmemory_policy": mem.get("maxmemory_policy"),
+        "eviction_safe": problem is None,
+        "used_memory": int(mem.get("used_memory", 0)),
+        "maxmemory": int(mem.get("maxmemory", 0)),
+        "data_losses": losses(client, keys),
+    }
 
 
 def head_waiting_s(client, keys: Keys, queue: str, now_ms: int) -> float | None:
@@ -159,6 +177,7 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
                             "holder": h.label if h else None, "expires_in_s": h.pttl_ms / 1000 if h else None})
     snap.circuits = _circuits(client, keys)
     snap.limits = _limits(client, keys, settings.limits)
+    snap.redis = redis_health(client, keys)
     return snap
 
 
@@ -199,6 +218,7 @@ def overview(client, keys: Keys, settings) -> dict:
         "bulk": [lane_line(client, keys, q, settings, now) for q in bulks],
         "circuits": _circuits(client, keys),
         "limits": _limits(client, keys, settings.limits),
+        "redis": redis_health(client, keys),
     }
 
 
