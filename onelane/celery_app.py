@@ -63,7 +63,10 @@ def celery_config(s: Settings) -> dict:
         # no task-sent events: Celery would put the raw arguments (secrets included) in them
         # before the worker could mask them; Flower sees every callout from its receipt on.
         "task_send_sent_event": False,
-        "task_track_started": True,
+        # no STARTED state in the result backend: two Redis round trips per callout that buy
+        # nothing here — the in-flight record (onelane status) and Flower's task-started event
+        # say which callout runs, and since when
+        "task_track_started": False,
         # result_extended stays off: it would copy the raw arguments (and any secret in their
         # headers) into the result backend. Flower shows the masked arguments from the events.
         "result_extended": False,

@@ -205,3 +205,35 @@ def test_dead_letter_keeps_the_request_and_every_attempt_and_returns_the_error(r
     entry = json.loads(redis_client.hget(KEYS.dead_letters("serial"), "t1"))
     assert entry["request"]["headers"] == {"Authorization": "***"}
     assert entry["attempts"] == [{"attempt": 1, "status_code": 500}] and entry["kind"] == "failed"
+
+
+def test_preflight_takes_the_serial_lease_ahead_with_the_attempt_in_flight(redis_client, settings):
+    run = begin(settings)
+    check = run.preflight()
+    lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
+    # Then the lease was won in the same round trip, and the attempt is recorded on the Redis clock
+    assert check.grant is not None and lease.holder().token == check.grant.token == check.token
+    rec = Inflight(redis_client, KEYS).get("t1")
+    assert rec.lease_token == check.token and rec.attempt == 1
+    assert rec.deadline_ms - rec.started_ms == run.timeout_ms + 100
+    # ... and the permit uses it without asking again
+    with run.permit(check) as attempt:
+        assert attempt.grant == check.grant
+    assert lease.holder() is None
+
+
+@pytest.mark.parametrize("why", ["paused", "done", "circuit"])
+def test_preflight_gives_back_what_it_took_ahead_when_the_attempt_cannot_start(redis_client, settings, why):
+    if why == "paused":
+        flow.pause(redis_client, KEYS, "serial")
+    elif why == "done":
+        Ledger(redis_client, KEYS, window_s=60).record_success(task_id="t1", queue="serial", idempotency_key="t1",
+                                                              result={"ok": 1}, now_ms=1)
+    else:
+        Circuit(redis_client, KEYS, "serial", threshold=1, cooldown_ms=5_000, cooldown_max_ms=5_000).record(ok=False)
+    run = begin(settings)
+    check = run.preflight()
+    assert check.grant is None
+    assert Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS).holder() is None
+    assert Inflight(redis_client, KEYS).get("t1") is None
+    assert redis_client.zcard(KEYS.inflight_index("serial")) == 0

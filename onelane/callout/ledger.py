@@ -74,10 +74,11 @@ class Ledger:
             p.execute()
 
     def preflight(self, pipe, task_id: str, idempotency_key: str | None) -> None:
-        """Queue the reads :meth:`outcome_from` needs on ``pipe`` (3 replies)."""
+        """Queue the reads :meth:`outcome_from` needs on ``pipe``, and the count of finished attempts
+        (3 replies)."""
         pipe.get(self.keys.done(task_id))
         pipe.get(self.keys.idempotency(idempotency_key or task_id))
-        pipe.lrange(self.keys.attempts(task_id), 0, -1)
+        pipe.llen(self.keys.attempts(task_id))
 
     def outcome_from(self, done_raw, idem_task_id) -> Outcome | None:
         """The recorded outcome of this task id, or of a success with this idempotency key.

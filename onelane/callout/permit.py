@@ -43,6 +43,13 @@ class Permit(Protocol):
     #: True for a capped resource (its result reports the time waited for a slot)
     capped: bool
 
+    def speculate(self, pipe, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int) -> int:
+        """Queue a first try for the permit, with the in-flight record, on the preflight's pipeline;
+        return how many replies it adds (0: this permit does not try ahead)."""
+
+    def speculated(self, replies: list, *, token: str) -> Grant | None:
+        """The grant the queued try won, or None (the permit is busy: :meth:`acquire` waits)."""
+
     def acquire(self, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int,
                 redis_now_ms: int) -> tuple[Grant, float]:
         """Wait for the permit and record the attempt in flight; return (grant, ms waited)."""
@@ -65,10 +72,22 @@ class SerialPermit:
         self.inflight = inflight
         self.wait_ms = wait_ms + wait_grace_ms
 
+    def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
+        # Usually the lease is free: the grant and the in-flight record travel with the
+        # preflight's reads (one round trip for everything before the attempt).
+        self.lease.queue_acquire(pipe, token, ttl_ms=ttl_ms, label=f"task {record.task_id}")
+        self.inflight.queue_record_now(pipe, replace(record, lease=self.lease.name, lease_token=token),
+                                       deadline_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        return 2
+
+    def speculated(self, replies, *, token):
+        got = self.lease.acquire_reply(token, replies[0])
+        return got if isinstance(got, Grant) else None
+
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
         label = f"task {record.task_id} attempt {record.attempt}"
-        # Usually the lease is free: the in-flight record travels with the acquire (one round
-        # trip). Its deadline is an estimate on the Redis clock, a little late on purpose.
+        # The in-flight record travels with the acquire (one round trip). Its deadline is an
+        # estimate on the Redis clock, a little late on purpose.
         early = replace(record, lease=self.lease.name, lease_token=token, started_ms=redis_now_ms,
                         deadline_ms=redis_now_ms + timeout_ms + _EARLY_DEADLINE_SLACK_MS)
         got = self.lease.try_acquire(token, ttl_ms=ttl_ms, label=label,
@@ -102,6 +121,12 @@ class SlotPermit:
         self.slots = Semaphore(client, keys, resource, limit)
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
+
+    def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
+        return 0  # a slot, the rate and the adaptive cap are asked for when the attempt is sure
+
+    def speculated(self, replies, *, token):
+        return None
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
         # recorded before waiting: a dead worker's waiting task comes back at once

@@ -87,7 +87,7 @@ class Delivery:
                    owner=os.environ.get(WORKER_ID_ENV, ""))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Preflight:
     """Everything an attempt must know before it starts, read in one round trip."""
 
@@ -100,6 +100,9 @@ class Preflight:
     redis_ms: int
     #: the run's clock.monotonic() when the read came back
     read_at: float
+    #: the token of the permit tried ahead, and its grant if the try won (None: not tried, or busy)
+    token: str = ""
+    grant: Grant | None = None
 
 
 @dataclass
@@ -110,6 +113,8 @@ class Attempt:
     grant: Grant
     waited_ms: float
     released: bool = False
+    #: the resource's circuit was closed with no failures when the attempt began (nothing to reset)
+    circuit_clean: bool = False
 
 
 class CalloutRun:
@@ -164,28 +169,64 @@ class CalloutRun:
 
     # -- before an attempt --------------------------------------------------------------------
     def preflight(self) -> Preflight:
-        """One round trip: recorded outcome, attempts so far, pause, circuit, the Redis clock."""
+        """One round trip for everything before an attempt: recorded outcome, attempts so far,
+        pause, circuit, the Redis clock — and, for a serial resource, the lease and the in-flight
+        record, tried ahead. When something stands in the way (an outcome, a pause, an open
+        circuit, no attempts left) a lease won ahead is given back at once."""
         return self._redis(self._preflight)
 
     def _preflight(self) -> Preflight:
         d, s = self.delivery, self.settings
+        token = new_token()
+        record = self._record(attempt=0)
         pipe = self.client.pipeline(transaction=False)
         self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
         pipe.exists(self.keys.paused(d.queue))
         pipe.hgetall(self.keys.circuit(self.resource))
         pipe.time()
+        ahead = self.permits.speculate(pipe, record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms)
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
             # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
             pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
-        done_raw, idem_hit, attempts_raw, paused, circuit_raw, now = pipe.execute()[:6]
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:  # Redis lost its script cache (a restart): load again
+            forget(self.client)
+            return self._preflight()
+        done_raw, idem_hit, finished, paused, circuit_raw, now = replies[:6]
+        grant = self.permits.speculated(replies[6:6 + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
         prior = None
         if self._first_read:
             self._first_read = False
             prior = self.ledger.outcome_from(done_raw, idem_hit)
-        return Preflight(prior=prior, attempt=len(attempts_raw) + 1, paused=bool(paused),
-                         circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
-                         read_at=self.clock.monotonic())
+        check = Preflight(prior=prior, attempt=int(finished) + 1, paused=bool(paused),
+                          circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
+                          read_at=self.clock.monotonic(), token=token, grant=grant)
+        if ahead and (prior is not None or check.attempt > self.policy.max_attempts or check.paused
+                      or check.circuit.blocked_for_ms):
+            self._give_back_ahead(check)
+        return check
+
+    def _give_back_ahead(self, check: Preflight) -> None:
+        """Release a lease won ahead, and drop the in-flight record written with it."""
+        pipe = self.client.pipeline(transaction=True)
+        if check.grant is not None:
+            self.permits.release(check.grant, pipe=pipe)
+        self.inflight.forget(self.task_id, self.delivery.queue, pipe=pipe)
+        pipe.execute()
+        check.grant = None
+
+    def _record(self, *, attempt: int) -> InflightRecord:
+        d = self.delivery
+        return InflightRecord(
+            task_id=d.task_id, queue=d.queue, resource=self.resource, owner=d.owner, lease="", lease_token="",
+            fence=0, started_ms=0, deadline_ms=0, attempt=attempt, delivery_tag=d.delivery_tag,
+            host=socket.gethostname(), pid=os.getpid(), kwargs=self.stored_kwargs)
+
+    def _ttl_ms(self) -> int:
+        """A grant outlives the attempt's deadline by the lease grace."""
+        return self.timeout_ms + self.settings.lease_grace_ms
 
     def recorded(self, prior: Outcome) -> dict:
         """The recorded result of a callout that already ran; a recorded failure is raised again."""
@@ -229,21 +270,20 @@ class CalloutRun:
         dead-letters the callout. Released when the block ends, unless the outcome's
         transaction released it already.
         """
-        d = self.delivery
-        # the Redis clock now, estimated from the preflight read (no extra round trip)
-        now_ms = check.redis_ms + int((self.clock.monotonic() - check.read_at) * 1000)
-        record = InflightRecord(
-            task_id=d.task_id, queue=d.queue, resource=self.resource, owner=d.owner, lease="", lease_token="",
-            fence=0, started_ms=0, deadline_ms=0, attempt=check.attempt, delivery_tag=d.delivery_tag,
-            host=socket.gethostname(), pid=os.getpid(), kwargs=self.stored_kwargs)
-        token = new_token()
-        try:
-            grant, waited_ms = self._redis(lambda: self.permits.acquire(
-                record, token=token, ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
-                timeout_ms=self.timeout_ms, redis_now_ms=now_ms))
-        except LeaseBusy as exc:
-            raise self.dead_letter(f"{exc}; gave up waiting") from None
-        attempt = Attempt(check.attempt, grant, waited_ms)
+        if check.grant is not None:  # won ahead, in the preflight's round trip
+            grant, waited_ms = check.grant, 0.0
+        else:
+            # the Redis clock now, estimated from the preflight read (no extra round trip)
+            now_ms = check.redis_ms + int((self.clock.monotonic() - check.read_at) * 1000)
+            record = self._record(attempt=check.attempt)
+            token = check.token or new_token()
+            try:
+                grant, waited_ms = self._redis(lambda: self.permits.acquire(
+                    record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms, redis_now_ms=now_ms))
+            except LeaseBusy as exc:
+                raise self.dead_letter(f"{exc}; gave up waiting") from None
+        attempt = Attempt(check.attempt, grant, waited_ms,
+                          circuit_clean=check.circuit.state == "closed" and not check.circuit.failures)
         try:
             yield attempt
         except BaseException:
@@ -287,16 +327,17 @@ class CalloutRun:
         return reply
 
     # -- after the attempt ----------------------------------------------------------------------
-    def record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
+    def record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict, *, store_result=None) -> dict:
         """Record the outcome, drop the in-flight record, release the permit and close the
         circuit in one transaction; return the result.
 
-        The call has happened: while Redis refuses (out of memory, loading, away) this keeps
-        trying to record it, never calling the API again.
+        ``store_result(pipe, result)`` may queue the result's own storage (Celery's result
+        backend) in that same transaction. The call has happened: while Redis refuses (out of
+        memory, loading, away) this keeps trying to record it, never calling the API again.
         """
-        return self._redis(lambda: self._record_success(attempt, reply, verdict))
+        return self._redis(lambda: self._record_success(attempt, reply, verdict, store_result))
 
-    def _record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
+    def _record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict, store_result) -> dict:
         d, req = self.delivery, self.request
         result = success_result(reply, attempt=attempt.number, fence=attempt.grant.fence, task_id=d.task_id,
                                 idempotency_key=self.idempotency_key, resource=self.resource, lane=d.queue,
@@ -306,11 +347,13 @@ class CalloutRun:
         entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
         finished_ms = attempt.grant.now_ms + int(entry["elapsed_ms"])
         done = self.client.pipeline(transaction=True)
-        self.ledger.add_attempt(d.task_id, entry, pipe=done)
         self.ledger.record_success(task_id=d.task_id, queue=d.queue, idempotency_key=self.idempotency_key,
                                    result=result, now_ms=finished_ms, pipe=done)
         self.permits.release(attempt.grant, pipe=done)
-        self.circuit.record(ok=True, pipe=done)
+        if not attempt.circuit_clean:  # a closed circuit with no failures needs no write
+            self.circuit.record(ok=True, pipe=done)
+        if store_result is not None:
+            store_result(done, result)
         if d.batch:
             count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
         try:
@@ -319,7 +362,8 @@ class CalloutRun:
             # Redis lost its scripts (restart): the writes went through; release again directly
             forget(self.client)
             self.permits.release(attempt.grant)
-            self.circuit.record(ok=True)
+            if not attempt.circuit_clean:
+                self.circuit.record(ok=True)
         attempt.released = True
         return result
 

@@ -143,6 +143,17 @@ class Lease:
                 pipe.execute()
         return _acquire_reply(self.name, token, res)
 
+    def queue_acquire(self, pipe, token: str, *, ttl_ms: int, label: str = "") -> None:
+        """Queue one acquire attempt on ``pipe``; decode its reply with :meth:`acquire_reply`."""
+        k = self.keys
+        keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_fence(self.name), k.lease_index]
+        args = [token, int(ttl_ms), socket.gethostname(), os.getpid(), label, "", self.name, ""]
+        _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+
+    def acquire_reply(self, token: str, reply) -> Grant | Holder:
+        """The :class:`Grant` or :class:`Holder` a queued acquire answered."""
+        return _acquire_reply(self.name, token, reply)
+
     def acquire(
         self,
         token: str,

@@ -20,6 +20,7 @@ from onelane.core.text import text, text_map
 from onelane.delivery.messages import mark_redelivered
 
 _REQUEUE = LuaScript(__package__, "requeue_at_head")
+_RECORD = LuaScript(__package__, "inflight_record")
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,16 @@ class Inflight:
         p.zadd(self.keys.inflight_index(rec.queue), {rec.task_id: rec.deadline_ms})
         if pipe is None:
             p.execute()
+
+    def queue_record_now(self, pipe, rec: InflightRecord, *, deadline_in_ms: int) -> None:
+        """Queue, on ``pipe``, the record of an attempt starting now, stamped on the Redis clock:
+        started now, due ``deadline_in_ms`` from now, its attempt number counted from the ledger."""
+        fields = {k: v for k, v in rec.to_redis().items() if k not in ("started_ms", "deadline_ms", "attempt")}
+        args = [rec.task_id, int(deadline_in_ms)]
+        for k, v in fields.items():
+            args += [k, v]
+        _RECORD.queue_on(pipe, self.client, keys=[self.keys.inflight(rec.task_id), self.keys.inflight_index(rec.queue),
+                                                  self.keys.attempts(rec.task_id)], args=args)
 
     def get(self, task_id: str) -> InflightRecord | None:
         h = self.client.hgetall(self.keys.inflight(task_id))
