@@ -17,8 +17,6 @@ from onelane.core.text import text
 from onelane.delivery.inflight import Inflight
 
 SUCCESS, FAILURE = "success", "failure"
-#: recent outcomes kept for the completed/failed rates
-_STATS_KEEP_MS = 3_600_000
 
 
 @dataclass(frozen=True)
@@ -96,9 +94,8 @@ class Ledger:
         return [json.loads(r) for r in self.client.lrange(self.keys.attempts(task_id), 0, -1)]
 
     def _stats(self, pipe, queue, status, task_id, now_ms):
-        key = self.keys.stats(queue, status)
-        pipe.zadd(key, {task_id: now_ms})
-        pipe.zremrangebyscore(key, "-inf", now_ms - _STATS_KEEP_MS)
+        pipe.zadd(self.keys.stats(queue, status), {task_id: now_ms})
+
 
     def dead_letters(self, queue: str) -> list[dict]:
         """Every dead-letter entry of the queue, oldest first."""

@@ -69,12 +69,17 @@ def defer(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, du
     return False
 
 
-def promote_due(client, keys: Keys, queue: str, *, limit: int = 100) -> int:
-    """Move due relaxed retries to the tail of the queue; return how many moved."""
-    return int(_PROMOTE(client, keys=[keys.delayed(queue), keys.queue_list(queue)], args=[limit]))
+def promote_due(client, keys: Keys, queue: str, *, limit: int = 100, pipe=None) -> int | None:
+    """Move due relaxed retries to the tail of the queue; return how many moved (queued on ``pipe``
+    when given: None)."""
+    script_keys, args = [keys.delayed(queue), keys.queue_list(queue)], [limit]
+    if pipe is not None:
+        _PROMOTE.queue_on(pipe, client, keys=script_keys, args=args)
+        return None
+    return int(_PROMOTE(client, keys=script_keys, args=args))
 
 
-def absorb_priorities(client, keys: Keys, queue: str, *, limit: int = 100) -> int:
+def absorb_priorities(client, keys: Keys, queue: str, *, limit: int = 100, pipe=None) -> int | None:
     """Move messages published with a priority (kombu's sub-lists) to the tail of the queue.
 
     Guarantee: a message a plain producer sent with ``priority=`` runs like any other, in
@@ -82,7 +87,11 @@ def absorb_priorities(client, keys: Keys, queue: str, *, limit: int = 100) -> in
     oldest first); each moves once (one script). Returns how many moved.
     """
     sub_lists = [keys.priority_list(queue, level) for level in PRIORITY_LEVELS]
-    return int(_ABSORB(client, keys=[keys.queue_list(queue), *sub_lists], args=[limit]))
+    script_keys = [keys.queue_list(queue), *sub_lists]
+    if pipe is not None:
+        _ABSORB.queue_on(pipe, client, keys=script_keys, args=[limit])
+        return None
+    return int(_ABSORB(client, keys=script_keys, args=[limit]))
 
 
 def depth(client, keys: Keys, queue: str) -> int:

@@ -51,6 +51,7 @@ from onelane.core.clients import (
 )
 from onelane.core.errors import GuardHeld, LeaseNotHeld, OnelaneError, WorkerMisconfigured
 from onelane.core.keys import Keys
+from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
 from onelane.delivery.epoch import EpochWatch
 from onelane.delivery.flow import absorb_priorities, promote_due
@@ -299,8 +300,7 @@ class GuardService:
             try:
                 # relaxed-order retries that are due, and messages published with a priority,
                 # go to the tail of the queue
-                promote_due(self.client, self.keys, self.queue)
-                absorb_priorities(self.client, self.keys, self.queue)
+                self._move_waiting_to_queue()
                 if time.monotonic() < next_renew and failing_since is None:
                     continue
                 next_renew = time.monotonic() + every
@@ -328,6 +328,16 @@ class GuardService:
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning("onelane: cannot renew the guard of %r: %s; retrying", self.queue, reason)
+
+    def _move_waiting_to_queue(self) -> None:
+        """Due relaxed retries and prioritised messages to the queue: two scripts, one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        promote_due(self.client, self.keys, self.queue, pipe=pipe)
+        absorb_priorities(self.client, self.keys, self.queue, pipe=pipe)
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:
+            forget(self.client)
 
     def _renew_presence(self) -> None:
         try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from onelane.coordination.lease import Lease
 from onelane.core.clock import redis_now_ms
-from onelane.core.keys import Keys
+from onelane.core.keys import STATS_KEEP_MS, STATS_OUTCOMES, Keys
 from onelane.core.text import text
 from onelane.delivery import registry
 from onelane.delivery.flow import absorb_priorities, promote_due
@@ -49,6 +49,8 @@ def reap(client, keys: Keys, *, lanes: list[str], bulk_queues: list[str], margin
     for lane in lanes:
         report.add(requeue_orphans(client, keys, queue=lane, margin_ms=margin_ms, now_ms=now_ms))
         report.promoted += promote_due(client, keys, lane) + absorb_priorities(client, keys, lane)
+    for queue in [*lanes, *bulk_queues]:
+        _trim_stats(client, keys, queue, now_ms=now_ms)
     alive = presence_alive(client, keys)
     for bulk in bulk_queues:
         # many consumers: an orphan is a record whose worker no longer renews its presence
@@ -66,3 +68,11 @@ def reap_everything(client, keys: Keys, settings, *, only: str | None = None) ->
         is_bulk = only == settings.bulk_queue or only in bulks
         lanes, bulks = ([], [only]) if is_bulk else ([only], [])
     return reap(client, keys, lanes=lanes, bulk_queues=bulks, margin_ms=settings.guard_ttl_ms)
+
+
+def _trim_stats(client, keys: Keys, queue: str, *, now_ms: int) -> None:
+    """Forget recent outcomes older than STATS_KEEP_MS (here, not on every callout)."""
+    pipe = client.pipeline(transaction=False)
+    for outcome in STATS_OUTCOMES:
+        pipe.zremrangebyscore(keys.stats(queue, outcome), "-inf", now_ms - STATS_KEEP_MS)
+    pipe.execute()
