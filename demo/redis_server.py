@@ -153,3 +153,131 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SentinelCluster:
+    """A master, its replicas and three sentinels, each a private process on a free port.
+
+    ``url`` is the sentinel:// REDIS_URL (with ``master_name``); ``master``/``replicas`` are
+    the RedisServer objects as started (after a failover, ``current_master()`` says which
+    one the sentinels name).
+    """
+
+    def __init__(self, *, replicas: int = 1, master_name: str = "mymaster", down_after_ms: int = 1000,
+                 replica_args: tuple = ()):
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.master = RedisServer(appendonly=True)
+        self.replicas = [RedisServer(appendonly=True,
+                                     extra_args=("--replicaof", "127.0.0.1", str(self.master.port), *replica_args))
+                         for _ in range(replicas)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.dir = tempfile.mkdtemp(prefix="onelane-sentinels-")
+        self.sentinels: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports)
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.master, *self.replicas]
+
+    def start(self, timeout_s: float = 30.0) -> "SentinelCluster":
+        self.master.start()
+        for r in self.replicas:
+            r.start()
+        for i, port in enumerate(self.sentinel_ports):
+            conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+            with open(conf, "w") as f:
+                f.write(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {self.dir}\n"
+                        f"logfile {os.path.join(self.dir, f'sentinel-{port}.log')}\n"
+                        f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} 2\n"
+                        f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                        f"sentinel failover-timeout {self.master_name} 5000\n"
+                        f"sentinel parallel-syncs {self.master_name} 1\n")
+            self.sentinels.append(subprocess.Popen([shutil.which("redis-server"), conf, "--sentinel"],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                   start_new_session=True))
+        self.wait_settled(timeout_s)
+        return self
+
+    def _sentinel(self, port: int, *args):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2,
+                           decode_responses=True).execute_command(*args)
+
+    def wait_settled(self, timeout_s: float) -> None:
+        """Until every sentinel sees the master, all replicas in sync and the other two sentinels."""
+        give_up = time.monotonic() + timeout_s
+        while True:
+            try:
+                ok = True
+                for port in self.sentinel_ports:
+                    info = self._sentinel(port, "SENTINEL", "MASTER", self.master_name)
+                    if isinstance(info, list):
+                        info = dict(zip(info[::2], info[1::2]))
+                    ok &= int(info["num-other-sentinels"]) >= 2 and int(info["num-slaves"]) >= len(self.replicas)
+                    ok &= "s_down" not in info["flags"] and "o_down" not in info["flags"]
+                if ok and self.replicas_in_sync():
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > give_up:
+                raise TimeoutError("the sentinels did not settle (see " + self.dir + ")")
+            time.sleep(0.2)
+
+    def current_master_port(self) -> int:
+        host, port = self._sentinel(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return int(port)
+
+    def current_master(self) -> RedisServer:
+        port = self.current_master_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def replicas_in_sync(self) -> bool:
+        import redis
+
+        try:
+            info = redis.Redis(host="127.0.0.1", port=self.current_master_port(), socket_timeout=2).info("replication")
+        except Exception:
+            return False
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
+                  and v.get("state") == "online" and int(v.get("lag", 99)) <= 1]
+        return info.get("role") == "master" and len(online) >= len(self.replicas)
+
+    def wait_failover(self, old_port: int, timeout_s: float = 30.0) -> float:
+        """Until the sentinels name a master other than ``old_port``; returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            try:
+                if self.current_master_port() != old_port:
+                    return time.monotonic() - started
+            except Exception:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"no failover away from port {old_port} within {timeout_s} s")
+
+    def failover(self) -> None:
+        """A planned failover (SENTINEL FAILOVER)."""
+        self._sentinel(self.sentinel_ports[0], "SENTINEL", "FAILOVER", self.master_name)
+
+    def close(self) -> None:
+        for p in self.sentinels:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+        for s in self.servers:
+            s.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()

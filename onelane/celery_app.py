@@ -23,8 +23,9 @@ def celery_config(s: Settings) -> dict:
     q = s.queue
     return {
         "broker_url": s.redis_url,
-        # kombu's Redis transport with a fetch that cannot lose a message (onelane/delivery/transport.py)
-        "broker_transport": "onelane.delivery.transport:Transport",
+        # kombu's Redis transport with a fetch that cannot lose a message (onelane/delivery/transport.py);
+        # with a sentinel:// URL kombu's Sentinel transport, which follows the current master
+        "broker_transport": "onelane.delivery.transport:" + ("SentinelTransport" if s.uses_sentinel else "Transport"),
         "result_backend": s.redis_url,
         # the default lane; a worker started with -Q <lane> (or -Q bulk) gets its queue declared on
         # demand (task_create_missing_queues), with the same direct exchange shape
@@ -44,7 +45,7 @@ def celery_config(s: Settings) -> dict:
         # 10 s), in case it stored a result first; our own ledger answers that, so report at once.
         "worker_lost_wait": 1.0,
         # kombu restores unacked messages older than this; it must exceed the longest callout
-        "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s},
+        "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s, **_sentinel(s)},
         "broker_connection_retry_on_startup": True,
         # A Redis that refuses for a while (OOM at maxmemory, READONLY during a failover) is a
         # reason to reconnect and go on, never to exit: the consumer treats those replies as it
@@ -54,6 +55,7 @@ def celery_config(s: Settings) -> dict:
             "additional_connection_errors": ["redis.exceptions.OutOfMemoryError", "redis.exceptions.ReadOnlyError",
                                              "redis.exceptions.ExecAbortError"],
             "retry_policy": {"max_retries": 300, "interval_start": 0, "interval_step": 0.2, "interval_max": 1},
+            **_sentinel(s),
         },
         "broker_connection_timeout": 5,
         "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
@@ -84,6 +86,17 @@ def celery_config(s: Settings) -> dict:
             "onelane-reaper": {"task": REAPER_ENTRY, "schedule": s.reap_interval_s},
         },
     }
+
+
+def _sentinel(s: Settings) -> dict:
+    """Transport options of a sentinel:// REDIS_URL (broker and results alike): the master's name,
+    the sentinels' password."""
+    if not s.uses_sentinel:
+        return {}
+    opts = {"master_name": s.sentinel_master}
+    if s.sentinel_password:
+        opts["sentinel_kwargs"] = {"password": s.sentinel_password}
+    return opts
 
 
 def _tls(s: Settings) -> dict:

@@ -6,15 +6,33 @@ step is a method of :class:`onelane.callout.run.CalloutRun`, and what an answer 
 """
 from __future__ import annotations
 
+import logging
+
+from celery.exceptions import Ignore
+
 from onelane.callout.classify import classify
 from onelane.callout.run import CalloutRun
 from onelane.celery_app import app
+from onelane.core.errors import CalloutFailed
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name="tasks.callout", bind=True, Request="onelane.delivery.request:HeadRequeueRequest")
 def callout(self, *args, **kwargs):
     """Call the API, retrying transient failures, never overlapping another callout on its resource."""
     run = CalloutRun.begin(self.request, args, kwargs)  # bad input: dead-lettered, CalloutRejected
+    try:
+        return _run(self, run)
+    except (CalloutFailed, Ignore):
+        raise
+    except Exception as exc:  # a fault nobody foresaw: never let the callout vanish with the message
+        log.exception("onelane: %s failed unexpectedly; dead-lettering it", self.request.id)
+        raise run.dead_letter(f"unexpected {type(exc).__name__}: {exc}") from exc
+
+
+def _run(self, run: CalloutRun) -> dict:
+    """The steps of one callout, attempt after attempt."""
     while True:
         check = run.preflight()  # one read: recorded outcome, attempts, pause, circuit
         if check.prior is not None:

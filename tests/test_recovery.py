@@ -168,8 +168,9 @@ def test_a_fetch_given_back_meanwhile_is_not_claimed(redis_client, celery_app):
     def claim_it(item) -> bool:
         message = json.loads(item)
         tag = message["properties"]["delivery_tag"]
-        return claim(redis_client, fetch_list=KEYS.fetch_list("bulk", "cut-off"), item=item, delivery_tag=tag,
-                     unacked=json.dumps([message, "bulk", "bulk"]))
+        claimed, _replicated = claim(redis_client, fetch_list=KEYS.fetch_list("bulk", "cut-off"), item=item,
+                                     delivery_tag=tag, unacked=json.dumps([message, "bulk", "bulk"]))
+        return claimed
 
     task_id, item = fetch(redis_client, celery_app, "bulk", "cut-off")
     assert run_reaper(redis_client).requeued == [task_id]  # the worker was cut off too long

@@ -29,6 +29,7 @@ from onelane.coordination.rate import RateLimiter
 from onelane.coordination.slots import Semaphore
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
+from onelane.core.replication import Replicas
 from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S
 from onelane.delivery.inflight import Inflight, InflightRecord
 
@@ -67,9 +68,10 @@ class SerialPermit:
     capped = False
 
     def __init__(self, client, keys: Keys, resource: str, inflight: Inflight, *, wait_ms: int = MAX_WAIT_MS,
-                 wait_grace_ms: int = 0):
-        self.lease = Lease(client, keys.resource_lease(resource), keys=keys)
+                 wait_grace_ms: int = 0, replicas: Replicas = Replicas()):
+        self.lease = Lease(client, keys.resource_lease(resource), keys=keys, replicas=replicas)
         self.inflight = inflight
+        self.replicas = replicas
         self.wait_ms = wait_ms + wait_grace_ms
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
@@ -96,7 +98,9 @@ class SerialPermit:
             return got, 0.0
         # Busy (a killed attempt's lease runs to its deadline): block on the release signal.
         grant = self.lease.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, label=label)
-        self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms))
+        pipe = self.lease.client.pipeline(transaction=True)
+        self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms), pipe=pipe)
+        pipe.execute()
         return grant, 0.0
 
     def feedback(self, reply, *, retry_after_max_s):
@@ -112,13 +116,14 @@ class SlotPermit:
     capped = True
 
     def __init__(self, client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,
-                 wait_ms: int = MAX_WAIT_MS):
+                 wait_ms: int = MAX_WAIT_MS, replicas: Replicas = Replicas()):
         self.client = client
         self.keys = keys
         self.resource = resource
         self.inflight = inflight
         self.wait_ms = wait_ms
-        self.slots = Semaphore(client, keys, resource, limit)
+        self.replicas = replicas
+        self.slots = Semaphore(client, keys, resource, limit, replicas=replicas)
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
 
@@ -159,8 +164,8 @@ class SlotPermit:
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,
-               lease_grace_ms: int) -> Permit:
+               lease_grace_ms: int, replicas: Replicas = Replicas()) -> Permit:
     """The permit kind the resource's declared limit calls for."""
     if limit.capped:
-        return SlotPermit(client, keys, resource, limit, inflight)
-    return SerialPermit(client, keys, resource, inflight, wait_grace_ms=lease_grace_ms)
+        return SlotPermit(client, keys, resource, limit, inflight, replicas=replicas)
+    return SerialPermit(client, keys, resource, inflight, wait_grace_ms=lease_grace_ms, replicas=replicas)

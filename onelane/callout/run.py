@@ -45,6 +45,7 @@ from onelane.core.clock import redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_url
+from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import flow
@@ -139,8 +140,9 @@ class CalloutRun:
         self.circuit = Circuit(self.client, self.keys, self.resource, threshold=s.circuit_threshold,
                                cooldown_ms=int(s.circuit_cooldown_s * 1000),
                                cooldown_max_ms=int(s.circuit_cooldown_max_s * 1000))
+        self.replicas = Replicas.of(s)
         self.permits: Permit = permit_for(self.client, self.keys, self.resource, s.limit_for(self.resource),
-                                          self.inflight, lease_grace_ms=s.lease_grace_ms)
+                                          self.inflight, lease_grace_ms=s.lease_grace_ms, replicas=self.replicas)
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
         self._said_circuit_open = False
@@ -173,11 +175,13 @@ class CalloutRun:
         pause, circuit, the Redis clock — and, for a serial resource, the lease and the in-flight
         record, tried ahead. When something stands in the way (an outcome, a pause, an open
         circuit, no attempts left) a lease won ahead is given back at once."""
-        return self._redis(self._preflight)
-
-    def _preflight(self) -> Preflight:
-        d, s = self.delivery, self.settings
+        # one token for every try of this read: a try whose reply was lost (a failover) may have won
+        # the lease, and the next try is then a re-grant to the same token, not a second lease
         token = new_token()
+        return self._redis(lambda: self._preflight(token))
+
+    def _preflight(self, token: str) -> Preflight:
+        d, s = self.delivery, self.settings
         record = self._record(attempt=0)
         pipe = self.client.pipeline(transaction=False)
         self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
@@ -188,11 +192,12 @@ class CalloutRun:
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
             # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
             pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
+        waited = ahead and self.replicas.queue_wait(pipe)  # the grant counts only once replicated
         try:
             replies = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis lost its script cache (a restart): load again
             forget(self.client)
-            return self._preflight()
+            return self._preflight(token)
         done_raw, idem_hit, finished, paused, circuit_raw, now = replies[:6]
         grant = self.permits.speculated(replies[6:6 + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
@@ -206,6 +211,11 @@ class CalloutRun:
         if ahead and (prior is not None or check.attempt > self.policy.max_attempts or check.paused
                       or check.circuit.blocked_for_ms):
             self._give_back_ahead(check)
+        elif waited and grant is not None and not self.replicas.confirmed(replies[-waited:]):
+            self._give_back_ahead(check)
+            self.replicas.resync(self.client)
+            raise NotReplicated(f"the grant of {self.resource!r}", self.replicas.confirmations(replies[-waited:]),
+                                self.replicas.needed)
         return check
 
     def _give_back_ahead(self, check: Preflight) -> None:
@@ -335,7 +345,14 @@ class CalloutRun:
         backend) in that same transaction. The call has happened: while Redis refuses (out of
         memory, loading, away) this keeps trying to record it, never calling the API again.
         """
-        return self._redis(lambda: self._record_success(attempt, reply, verdict, store_result))
+        def write():
+            return self._redis(lambda: self._record_success(attempt, reply, verdict, store_result))
+
+        result = write()
+        # the message is acknowledged when this returns: not before the outcome is replicated
+        self.replicas.ensure(self.client, self.keys.replication_probe, what=f"the outcome of {self.task_id}", log=log,
+                             written_key=self.keys.done(self.task_id), rewrite=write, sleep=self.clock.sleep)
+        return result
 
     def _record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict, store_result) -> dict:
         d, req = self.delivery, self.request
@@ -395,9 +412,15 @@ class CalloutRun:
         """Record the callout as failed for good, with its request and every attempt; return the
         error to raise (the task ends in FAILURE)."""
         error = f"{self.request.method} {self.request.url}: {reason}"
-        self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
-                                                self.stored_kwargs, error=error, kind="failed",
-                                                attempts=self.ledger.attempts(self.task_id)))
+        attempts = self._redis(lambda: self.ledger.attempts(self.task_id))
+
+        def write():
+            self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
+                                                    self.stored_kwargs, error=error, kind="failed", attempts=attempts))
+
+        write()
+        self.replicas.ensure(self.client, self.keys.replication_probe, what=f"the dead letter of {self.task_id}",
+                             log=log, written_key=self.keys.done(self.task_id), rewrite=write, sleep=self.clock.sleep)
         return CalloutFailed(f"{error}; dead-lettered as {self.task_id}")
 
     def give_back_at_head(self, why: str) -> Ignore:

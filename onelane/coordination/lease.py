@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError
 from onelane.core.clock import time_ms
 from onelane.core.errors import LeaseBusy, LeaseNotHeld, UnexpectedReply
 from onelane.core.keys import Keys
+from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import LuaScript, forget
 from onelane.core.text import text, text_map
 
@@ -100,12 +101,14 @@ class Holder:
 class Lease:
     """A named lease in Redis. ``client`` is a redis-py client; nothing else is global."""
 
-    def __init__(self, client, name: str, *, keys: Keys):
+    def __init__(self, client, name: str, *, keys: Keys, replicas: Replicas = Replicas()):
         if not name:
             raise ValueError("a lease needs a non-empty name")
         self.client = client
         self.name = name
         self.keys = keys
+        #: replicas that must confirm a grant before it counts (Redis WAIT); 0 without replication
+        self.replicas = replicas
 
     # -- the four operations, each one registered script ---------------------------
     def try_acquire(
@@ -121,27 +124,34 @@ class Lease:
         """One attempt: a :class:`Grant` if the lease was free (or ours), else the :class:`Holder`.
 
         ``along(pipe)`` may queue more commands that travel in the same round trip, after
-        the acquire (they run whether or not the lease was granted).
+        the acquire (they run whether or not the lease was granted). With replicas required,
+        a grant the replicas did not confirm in time is released at once and
+        :class:`NotReplicated` raised: it never counts as had.
         """
         k = self.keys
         keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_fence(self.name), k.lease_index]
         args = [token, int(ttl_ms), socket.gethostname(), os.getpid(), label,
                 "" if since_ms is None else int(since_ms), self.name, steal or ""]
-        if along is None:
-            res = _ACQUIRE(self.client, keys=keys, args=args)
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+        if along is None and self.replicas.needed <= 0:
+            return _acquire_reply(self.name, token, _ACQUIRE(self.client, keys=keys, args=args))
+        pipe = self.client.pipeline(transaction=False)
+        _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+        if along is not None:
             along(pipe)
-            try:
-                res = pipe.execute()[0]
-            except NoScriptError:
-                forget(self.client)
-                res = _ACQUIRE(self.client, keys=keys, args=args)
-                pipe = self.client.pipeline(transaction=False)
-                along(pipe)
-                pipe.execute()
-        return _acquire_reply(self.name, token, res)
+        waited = self.replicas.queue_wait(pipe)
+        try:
+            replies = pipe.execute()
+        except NoScriptError:
+            forget(self.client)
+            return self.try_acquire(token, ttl_ms=ttl_ms, label=label, since_ms=since_ms, steal=steal, along=along)
+        got = _acquire_reply(self.name, token, replies[0])
+        tail = replies[len(replies) - waited:]
+        if waited and isinstance(got, Grant) and not self.replicas.confirmed(tail):
+            self.release(token)
+            self.replicas.resync(self.client)
+            raise NotReplicated(f"the grant of lease {self.name!r}", self.replicas.confirmations(tail),
+                                self.replicas.needed)
+        return got
 
     def queue_acquire(self, pipe, token: str, *, ttl_ms: int, label: str = "") -> None:
         """Queue one acquire attempt on ``pipe``; decode its reply with :meth:`acquire_reply`."""

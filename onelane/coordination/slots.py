@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import NoScriptError
+
 from onelane.coordination.lease import Grant, Lease
 from onelane.core.errors import LeaseBusy, UnexpectedReply
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
-from onelane.core.scripts import LuaScript
+from onelane.core.replication import NotReplicated, Replicas
+from onelane.core.scripts import LuaScript, forget
 
 _ACQUIRE = LuaScript(__package__, "semaphore_acquire")
 _RELEASE = LuaScript(__package__, "lease_release")
@@ -35,29 +38,49 @@ class SlotGrant(Grant):
 class Semaphore:
     """N slots of ``resource`` (N from its declared limit)."""
 
-    def __init__(self, client, keys: Keys, resource: str, limit: Limit):
+    def __init__(self, client, keys: Keys, resource: str, limit: Limit, *, replicas: Replicas = Replicas()):
         self.client = client
         self.keys = keys
         self.resource = resource
         self.limit = limit
+        self.replicas = replicas
         self.names = [keys.slot(resource, i) for i in range(1, limit.concurrency + 1)]
         self.fence_name = keys.resource_lease(resource)
 
     def try_acquire(self, token: str, *, ttl_ms: int) -> SlotGrant | int:
-        """A :class:`SlotGrant`, or the ms until the soonest slot expires."""
+        """A :class:`SlotGrant`, or the ms until the soonest slot expires.
+
+        With replicas required, a slot they did not confirm in time is freed and
+        :class:`NotReplicated` raised: it never counts as had.
+        """
         k = self.keys
-        res = _ACQUIRE(
-            self.client,
-            keys=[k.lease_fence(self.fence_name), k.lease_index, k.adaptive(self.resource),
-                  *[k.lease(n) for n in self.names]],
-            args=[token, int(ttl_ms), self.limit.concurrency, 1 if self.limit.adaptive else 0, *self.names],
-        )
+        keys = [k.lease_fence(self.fence_name), k.lease_index, k.adaptive(self.resource),
+                *[k.lease(n) for n in self.names]]
+        args = [token, int(ttl_ms), self.limit.concurrency, 1 if self.limit.adaptive else 0, *self.names]
+        confirmed = None
+        if self.replicas.needed <= 0:
+            res = _ACQUIRE(self.client, keys=keys, args=args)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+            self.replicas.queue_wait(pipe)
+            try:
+                res, *confirmed = pipe.execute()
+            except NoScriptError:
+                forget(self.client)
+                return self.try_acquire(token, ttl_ms=ttl_ms)
         if not isinstance(res, list) or len(res) < 2:
             raise UnexpectedReply(f"script semaphore_acquire answered {res!r}")
         if int(res[0]) == 1:
             slot = int(res[1])
-            return SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]),
-                             slot=slot, cap=int(res[5]))
+            grant = SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]),
+                              slot=slot, cap=int(res[5]))
+            if confirmed is not None and not self.replicas.confirmed(confirmed):
+                self.release(grant)
+                self.replicas.resync(self.client)
+                raise NotReplicated(f"slot {slot} of {self.resource!r}", self.replicas.confirmations(confirmed),
+                                    self.replicas.needed)
+            return grant
         return int(res[1])
 
     def acquire(self, token: str, *, ttl_ms: int, wait_ms: int) -> tuple[SlotGrant, float]:

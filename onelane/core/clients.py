@@ -14,32 +14,129 @@ from onelane.core.redaction import redact_url  # noqa: F401  (REDIS_URL as shown
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
 
-def get_client(url: str, *, ca_certs: str = "") -> redis.Redis:
-    """A client for ``url`` made for this process (clients are not shared across fork)."""
-    key = (os.getpid(), url)
+_COMMON = dict(socket_connect_timeout=5,
+               socket_timeout=15,  # above the longest BLPOP onelane issues (2 s)
+               health_check_interval=15)
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), 3)
+
+
+def _quick_retry() -> Retry:
+    """For asking sentinels: one quick retry (redis-py's default backs off for seconds per sentinel)."""
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1)
+
+
+def get_client(url: str, *, ca_certs: str = "", sentinel_master: str = "", sentinel_password: str = "") -> redis.Redis:
+    """A client for ``url`` made for this process (clients are not shared across fork).
+
+    For a ``sentinel://`` URL the client follows the current master: it asks the sentinels
+    where the master is on every new connection, so after a failover it reconnects there.
+    """
+    key = (os.getpid(), url, sentinel_master)
     c = _clients.get(key)
+    if c is None and url.startswith("sentinel://"):
+        c = _clients[key] = _sentinel_master_client(url, sentinel_master, sentinel_password)
     if c is None:
         extra = {}
         if url.startswith("rediss://"):
             extra["ssl_cert_reqs"] = "required"
             if ca_certs:
                 extra["ssl_ca_certs"] = ca_certs
-        c = redis.Redis.from_url(
-            url,
-            **extra,
-            socket_connect_timeout=5,
-            socket_timeout=15,  # above the longest BLPOP onelane issues (2 s)
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+        c = redis.Redis.from_url(url, **extra, **_COMMON, retry=_retry(),
+                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         _clients[key] = c
     return c
 
 
 def client_for(settings) -> redis.Redis:
-    """The process's client for the settings' Redis (TLS CA bundle included)."""
-    return get_client(settings.redis_url, ca_certs=settings.redis_ca_certs)
+    """The process's client for the settings' Redis (TLS CA bundle and Sentinel master included)."""
+    return get_client(settings.redis_url, ca_certs=settings.redis_ca_certs,
+                      sentinel_master=settings.sentinel_master, sentinel_password=settings.sentinel_password)
+
+
+def _sentinel_master_client(url: str, master: str, sentinel_password: str) -> redis.Redis:
+    from urllib.parse import urlsplit
+
+    from redis.sentinel import Sentinel
+
+    from onelane.core.settings import sentinel_hosts
+
+    first = urlsplit(url.split(";")[0])
+    db = int((first.path or "/0").lstrip("/") or 0)
+    sentinels = Sentinel(sentinel_hosts(url), socket_timeout=2, socket_connect_timeout=2,
+                         sentinel_kwargs={"password": sentinel_password or None, "socket_timeout": 2,
+                                          "socket_connect_timeout": 2, "retry": _quick_retry()})
+    return sentinels.master_for(master, redis_class=redis.Redis, password=first.password, username=first.username,
+                                db=db, retry=_retry(),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError], **_COMMON)
+
+
+def sentinel_problem(settings, exc: BaseException) -> str | None:
+    """What a Sentinel set-up's start-up error means, naming the setting to check; None if not one."""
+    from redis.sentinel import MasterNotFoundError
+
+    if not settings.uses_sentinel or not isinstance(exc, (MasterNotFoundError, redis.ConnectionError)):
+        return None
+    where = ", ".join(f"{h}:{p}" for h, p in _hosts(settings.redis_url))
+    known = _known_masters(settings)
+    if known is None:
+        return (f"none of the sentinels in REDIS_URL ({where}) answered; are they running, and is REDIS_URL right "
+                "(sentinel://h1:26379;sentinel://h2:26379;...)? With a sentinel password, set "
+                "ONELANE_SENTINEL_PASSWORD")
+    if settings.sentinel_master not in known:
+        return (f"ONELANE_SENTINEL_MASTER={settings.sentinel_master!r} is not known to the sentinels at {where} "
+                f"(they watch: {', '.join(sorted(known)) or 'nothing'}); set it to one of those")
+    return (f"the sentinels at {where} know {settings.sentinel_master!r} but its master does not answer; "
+            "a failover may be under way")
+
+
+def sentinel_master_view(settings) -> tuple[tuple[str, int], bool]:
+    """((host, port) of the master the sentinels name, True when no failover is under way), from the
+    first sentinel that answers; raises redis.ConnectionError when none does."""
+    last = None
+    for host, port in _hosts(settings.redis_url):
+        try:
+            c = _sentinel_client(host, port, settings.sentinel_password)
+            info = c.sentinel_master(settings.sentinel_master)
+            flags = set(str(info.get("flags", "")).split(","))
+            settled = not flags & {"failover_in_progress", "s_down", "o_down"}
+            return (str(info.get("ip", "")), int(info.get("port", 0))), settled
+        except redis.RedisError as exc:
+            last = exc
+    raise redis.ConnectionError(f"no sentinel answered ({last})")
+
+
+_sentinel_clients: dict = {}
+
+
+def _sentinel_client(host: str, port: int, password: str) -> redis.Redis:
+    key = (os.getpid(), host, port)
+    c = _sentinel_clients.get(key)
+    if c is None:
+        c = _sentinel_clients[key] = redis.Redis(host=host, port=port, password=password or None, socket_timeout=2,
+                                                 socket_connect_timeout=2, retry=_quick_retry(),
+                                                 decode_responses=True)
+    return c
+
+
+def _hosts(url):
+    from onelane.core.settings import sentinel_hosts
+
+    return sentinel_hosts(url)
+
+
+def _known_masters(settings) -> set[str] | None:
+    """The master names any sentinel of the settings watches; None when none answers."""
+    for host, port in _hosts(settings.redis_url):
+        try:
+            c = redis.Redis(host=host, port=port, password=settings.sentinel_password or None, socket_timeout=2,
+                            socket_connect_timeout=2, retry=_quick_retry())
+            return set(c.sentinel_masters())
+        except redis.RedisError:
+            continue
+    return None
 
 
 def exposure_warning(client, url: str) -> str | None:
@@ -136,6 +233,10 @@ def transient_reason(exc: BaseException) -> str | None:
     refusing for a while); None for errors that waiting cannot cure (a wrong password, not Redis)."""
     if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
         return None
+    from onelane.core.replication import NotReplicated
+
+    if isinstance(exc, NotReplicated):
+        return f"Redis replicas did not confirm in time ({exc}); a write is not acted on before they do"
     reason = refusal_reason(exc)
     if reason is not None:
         return reason

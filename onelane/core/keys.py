@@ -197,6 +197,11 @@ class Keys:
         """Hash: epoch id -> JSON of the data loss noticed when that epoch appeared."""
         return f"{self.prefix}:data-loss"
 
+    @property
+    def replication_probe(self) -> str:
+        """String: written by a process that must WAIT for replicas with nothing else to write."""
+        return f"{self.prefix}:replication-probe"
+
     # -- kombu's
     @staticmethod
     def queue_list(queue: str) -> str:

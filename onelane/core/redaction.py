@@ -9,9 +9,14 @@ MASK = "***"
 
 
 def redact_url(url: Any) -> Any:
-    """The URL with any user name and password replaced by ***; anything else as it came."""
+    """The URL with any user name and password replaced by ***; anything else as it came.
+
+    A list of URLs separated by ';' (a Sentinel REDIS_URL) is masked address by address.
+    """
     if not isinstance(url, str) or "@" not in url:
         return url
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -98,6 +98,19 @@ class Settings:
     key_prefix: str = "onelane"
     #: start even though Redis's maxmemory-policy could evict leases (a warning instead of a refusal)
     allow_eviction: bool = False
+    #: with a sentinel:// REDIS_URL: the name of the master the sentinels watch, and their password
+    sentinel_master: str = ""
+    sentinel_password: str = ""
+    #: replicas that must confirm a write others rely on before it is acted on (Redis WAIT)
+    min_replicas: int = 0
+    #: how long one WAIT for those replicas may take (ms)
+    replica_timeout_ms: int = 500
+    #: how long a worker waits at start for a Redis it cannot reach before giving up (s)
+    startup_wait_s: float = 30.0
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return self.redis_url.startswith("sentinel://")
 
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
@@ -246,12 +259,38 @@ def _limits_json(env) -> str:
     return inline or ""
 
 
+def sentinel_hosts(url: str) -> list[tuple[str, int]]:
+    """The (host, port) of every sentinel in a ``sentinel://h1:26379;sentinel://h2:26379`` URL."""
+    out = []
+    for part in url.split(";"):
+        p = urlsplit(part.strip())
+        out.append((p.hostname or "localhost", p.port or 26379))
+    return out
+
+
+def _sentinel_url(raw: str) -> str:
+    for part in raw.split(";"):
+        p = urlsplit(part.strip())
+        if p.scheme != "sentinel":
+            raise ConfigError(f"REDIS_URL={raw!r}: every address of a Sentinel URL starts with sentinel:// "
+                              "(sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379)")
+        if not p.hostname:
+            raise ConfigError(f"REDIS_URL={raw!r}: {part!r} names no sentinel host")
+        try:
+            p.port
+        except ValueError:
+            raise ConfigError(f"REDIS_URL={raw!r}: {part!r} has a bad port") from None
+    return raw
+
+
 def _redis_url(env) -> str:
     raw = _get(env, "REDIS_URL") or Settings.redis_url
     parts = urlsplit(raw)
+    if parts.scheme == "sentinel":
+        return _sentinel_url(raw)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
-            f"REDIS_URL={raw!r} must start with redis://, rediss:// or unix:// "
+            f"REDIS_URL={raw!r} must start with redis://, rediss://, unix:// or sentinel:// "
             "(for example redis://localhost:6379/0)"
         )
     if parts.scheme != "unix" and not parts.hostname:
@@ -261,6 +300,28 @@ def _redis_url(env) -> str:
     except ValueError:
         raise ConfigError(f"REDIS_URL={raw!r} has a bad port") from None
     return raw
+
+
+def _sentinel_settings(env) -> dict:
+    """The Sentinel settings, checked against REDIS_URL: a master name exactly when it is sentinel://."""
+    url = _get(env, "REDIS_URL") or ""
+    sentinel = url.startswith("sentinel://")
+    master = _get(env, "ONELANE_SENTINEL_MASTER") or ""
+    if sentinel and not master:
+        raise ConfigError("REDIS_URL is a sentinel:// URL: set ONELANE_SENTINEL_MASTER to the name of the master "
+                          "the sentinels watch (the name in `sentinel monitor <name> ...`)")
+    if master and not sentinel:
+        raise ConfigError(f"ONELANE_SENTINEL_MASTER={master!r} is set but REDIS_URL is not a sentinel:// URL; "
+                          "unset it, or point REDIS_URL at the sentinels")
+    if master and not QUEUE_NAME_RE.match(master):
+        raise ConfigError(f"ONELANE_SENTINEL_MASTER={master!r} must be letters, digits, '_', '.' or '-'")
+    return {
+        "sentinel_master": master,
+        "sentinel_password": _get(env, "ONELANE_SENTINEL_PASSWORD") or "",
+        "min_replicas": _number(env, "ONELANE_MIN_REPLICAS", 1 if sentinel else 0, kind=int, low=0, high=16),
+        "replica_timeout_ms": _number(env, "ONELANE_REPLICA_TIMEOUT_MS", 500, kind=int, low=1, high=60_000),
+        "startup_wait_s": _number(env, "ONELANE_STARTUP_WAIT", 30.0, low=0, high=86_400),
+    }
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -312,6 +373,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
         allow_eviction=_flag(env, "ONELANE_ALLOW_EVICTION", False),
+        **_sentinel_settings(env),
     )
     check_relations(s)
     if s.bulk_queue == s.queue:

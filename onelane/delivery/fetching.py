@@ -8,22 +8,39 @@ from __future__ import annotations
 import json
 import time
 
+from redis.exceptions import NoScriptError
+
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
-from onelane.core.scripts import LuaScript
+from onelane.core.replication import Replicas
+from onelane.core.scripts import LuaScript, forget
 from onelane.delivery.messages import parse_queued, task_id_of
 
 _CLAIM = LuaScript(__package__, "fetch_claim")
 _RETURN = LuaScript(__package__, "fetch_return")
 
 
-def claim(client, *, fetch_list: str, item: bytes, delivery_tag: str, unacked: str) -> bool:
+def claim(client, *, fetch_list: str, item: bytes, delivery_tag: str, unacked: str,
+          replicas: Replicas = Replicas()) -> tuple[bool, bool]:
     """Record a fetched message as unacked and take it out of the fetch list, in one step.
 
-    False if the message is no longer in the fetch list (given back to its queue while
-    the worker was cut off): the worker must not deliver it.
+    Returns (claimed, replicated): not claimed if the message is no longer in the fetch list
+    (given back to its queue while the worker was cut off) — the worker must not deliver it;
+    not replicated when fewer replicas than required confirmed the claim in time.
     """
-    return bool(_CLAIM(client, keys=[fetch_list, KOMBU_UNACKED, KOMBU_UNACKED_INDEX],
-                       args=[item, delivery_tag, unacked, time.time()]))
+    keys = [fetch_list, KOMBU_UNACKED, KOMBU_UNACKED_INDEX]
+    args = [item, delivery_tag, unacked, time.time()]
+    if replicas.needed <= 0:
+        return bool(_CLAIM(client, keys=keys, args=args)), True
+    pipe = client.pipeline(transaction=False)
+    _CLAIM.queue_on(pipe, client, keys=keys, args=args)
+    replicas.queue_wait(pipe)
+    try:
+        claimed, *confirmed = pipe.execute()
+    except NoScriptError:
+        forget(client)
+        return claim(client, fetch_list=fetch_list, item=item, delivery_tag=delivery_tag, unacked=unacked,
+                     replicas=replicas)
+    return bool(claimed), replicas.confirmed(confirmed)
 
 
 def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) -> list[bytes]:

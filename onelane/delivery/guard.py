@@ -46,6 +46,8 @@ from onelane.core.clients import (
     not_redis_message,
     redact_url,
     ride_out,
+    sentinel_master_view,
+    sentinel_problem,
     transient_reason,
     version_problem,
 )
@@ -105,6 +107,7 @@ class GuardService:
         self.lane: str | None = None
         self.lease: Lease | None = None
         self.epoch: EpochWatch | None = None
+        self._master_address: tuple | None = None
         self._stop = threading.Event()
         self._thread = None
         self._terminating = False
@@ -162,12 +165,15 @@ class GuardService:
         """Wait (bounded) for Redis; refuse at once what waiting cannot cure."""
         url = redact_url(self.s.redis_url)
         try:
-            self._wait_for_redis(timeout_s=30.0)
+            self._wait_for_redis(timeout_s=self.s.startup_wait_s)
             problem = version_problem(str(self.client.info("server").get("redis_version", "")))
         except redis.AuthenticationError as exc:
             raise OnelaneError(f"onelane: Redis at {url} refused the password ({exc}); "
                                "check the password in REDIS_URL (redis://:password@host:6379/0)") from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = sentinel_problem(self.s, exc)
+            if problem:
+                raise OnelaneError(f"onelane: {problem}") from None
             raise OnelaneError(f"onelane: cannot reach Redis at {url} ({exc}); {connect_hint(exc)}") from None
         except redis.RedisError as exc:
             if is_not_redis(exc):
@@ -234,7 +240,10 @@ class GuardService:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > give_up or self._stopping() or is_tls_verify_failure(exc):
                     raise
-                log.warning("onelane: waiting for Redis at %s (%s)", redact_url(self.s.redis_url), exc)
+                if self.s.uses_sentinel and "is not known" in (sentinel_problem(self.s, exc) or ""):
+                    raise  # the sentinels answer and do not know the master: waiting cannot help
+                log.warning("onelane: waiting for Redis at %s (%s)", redact_url(self.s.redis_url),
+                            str(exc).split(" : ")[0][:200])
                 time.sleep(1.0)
 
     def _announce_standby(self) -> None:
@@ -301,6 +310,7 @@ class GuardService:
                 # relaxed-order retries that are due, and messages published with a priority,
                 # go to the tail of the queue
                 self._move_waiting_to_queue()
+                self._follow_the_master()
                 if time.monotonic() < next_renew and failing_since is None:
                     continue
                 next_renew = time.monotonic() + every
@@ -338,6 +348,26 @@ class GuardService:
             pipe.execute()
         except redis.exceptions.NoScriptError:
             forget(self.client)
+
+    def _follow_the_master(self) -> None:
+        """Behind Sentinel: when the sentinels name a new master (a failover), reconnect this
+        process's client at once, rather than writing to the old master until that one is turned
+        into a replica (seconds later)."""
+        if not self.s.uses_sentinel:
+            return
+        try:
+            address, _settled = sentinel_master_view(self.s)
+        except redis.RedisError:
+            return
+        if self._master_address is None:
+            self._master_address = address
+            return
+        if address == self._master_address:
+            return
+        log.warning("onelane: the sentinels name a new master, %s:%s (a failover); reconnecting to it", *address)
+        self._master_address = address
+        # idle connections only: another thread may be in the middle of a command on one
+        self.client.connection_pool.disconnect(inuse_connections=False)  # (the consumer's fetch: transport.py)
 
     def _renew_presence(self) -> None:
         try:

@@ -29,12 +29,15 @@ import os
 import time
 from queue import Empty
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from onelane.core.clients import sentinel_master_view
 from onelane.core.keys import Keys
+from onelane.core.replication import Replicas
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
 from onelane.delivery.fetching import claim, give_back
 
@@ -50,12 +53,15 @@ class QoS(kombu_redis.QoS):
         super().append(message, delivery_tag)
 
 
-class Channel(kombu_redis.Channel):
+class LossProofFetch:
+    """The fetch of one onelane queue, on top of kombu's Redis channel (plain or Sentinel)."""
+
     QoS = QoS
     #: one list per queue: BLMOVE takes from one list only
     priority_steps = [0]
 
     _fetch = None  # (queue, fetch list) of the BLMOVE in progress
+    _fetch_queue: str | None = None
     _fetch_ready: str | None = None  # fetch list registered (and emptied) by this channel
     _claim_client = None
 
@@ -88,6 +94,7 @@ class Channel(kombu_redis.Channel):
             return super()._brpop_read(**options)
         queue, fetch_list = self._fetch
         self._fetch = None
+        self._fetch_queue = queue
         try:
             try:
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
@@ -96,10 +103,12 @@ class Channel(kombu_redis.Channel):
                 self._fetch_ready = None  # a reply may be lost: give the fetch list back first
                 raise
             if item is None:
+                self._check_master()
                 raise Empty()
             self._queue_cycle.rotate(queue)
             payload = self._claim(fetch_list, item)
             if payload is None:
+                self._check_master()
                 return True
             self.connection.onelane_claimed = payload["properties"]["delivery_tag"]
             try:
@@ -110,6 +119,24 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _check_master(self) -> None:
+        """Behind Sentinel: if this fetch connection is on a server the sentinels no longer name as
+        master (a failover), drop it with a connection error, so Celery reconnects to the new
+        master at once (kombu's Sentinel pool asks the sentinels on connect) instead of fetching
+        from the old one until that one is turned into a replica."""
+        s = get_settings()
+        if not s.uses_sentinel:
+            return
+        try:
+            (host, port), _settled = sentinel_master_view(s)
+        except redis.RedisError:
+            return
+        conn = self.client.connection
+        if (getattr(conn, "host", host), int(getattr(conn, "port", port))) != (host, port):
+            log.warning("onelane: the sentinels name %s:%s as master now; reconnecting the fetch to it", host, port)
+            conn.disconnect()
+            raise redis.ConnectionError(f"the master moved to {host}:{port} (a failover)")
 
     # -- the fetch list --------------------------------------------------------------
     def _client(self):
@@ -138,16 +165,53 @@ class Channel(kombu_redis.Channel):
             info = props.get("delivery_info") or {}
             tag = props["delivery_tag"]
         except (ValueError, KeyError, TypeError) as exc:
-            client.lrem(fetch_list, 1, item)
-            log.error("onelane: dropped an unreadable message from %r (%s): %.200r", fetch_list, exc, item)
+            self._dead_letter_unreadable(client, fetch_list, item, exc)
             return None
         unacked = dumps([payload, info.get("exchange", ""), info.get("routing_key", "")])
-        if not claim(client, fetch_list=fetch_list, item=item, delivery_tag=tag, unacked=unacked):
+        replicas = Replicas.of(get_settings())
+        claimed, replicated = claim(client, fetch_list=fetch_list, item=item, delivery_tag=tag, unacked=unacked,
+                                    replicas=replicas)
+        if not claimed:
             log.warning("onelane: message %s was given back to its queue while this worker was cut off "
                         "from Redis; not delivering it here", tag)
             return None
+        if not replicated:  # a claim a failover could erase is not acted on
+            replicas.ensure(client, Keys(get_settings().key_prefix).replication_probe,
+                            what=f"the claim of message {tag}", log=log)
         return payload
+
+    def _dead_letter_unreadable(self, client, fetch_list: str, item: bytes, exc: Exception) -> None:
+        """A message that is not even kombu's envelope: into the queue's dead letters, never the log."""
+        import hashlib
+
+        queue = self._fetch_queue or "?"
+        keys = Keys(get_settings().key_prefix)
+        entry_id = f"unreadable-{hashlib.sha256(item).hexdigest()[:16]}"
+        entry = {"id": entry_id, "task_id": entry_id, "queue": queue, "kind": "unrunnable", "attempts": [],
+                 "reason": f"the message is not kombu's JSON envelope ({type(exc).__name__}); it is not kept",
+                 "request": {"omitted": f"{len(item)} bytes, unreadable"}, "dead_lettered_at": time.time()}
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(keys.dead_letters(queue), entry_id, json.dumps(entry))
+        pipe.zadd(keys.dead_letter_index(queue), {entry_id: int(time.time() * 1000)})
+        pipe.lrem(fetch_list, 1, item)
+        pipe.execute()
+        log.error("onelane: dead-lettered an unreadable message from %r as %s (%s); it never ran", queue, entry_id,
+                  type(exc).__name__)
+
+
+class Channel(LossProofFetch, kombu_redis.Channel):
+    """kombu's Redis channel with the loss-proof fetch."""
+
+
+class SentinelChannel(LossProofFetch, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it follows the current master) with the loss-proof fetch."""
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """For ``sentinel://`` URLs: the broker follows the master the sentinels name."""
+
+    Channel = SentinelChannel

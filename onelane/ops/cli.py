@@ -23,6 +23,7 @@ from onelane.core.clients import (
     not_redis_message,
     redact_url,
     refusal_reason,
+    sentinel_problem,
 )
 from onelane.core.errors import ConfigError
 from onelane.core.keys import Keys
@@ -68,6 +69,9 @@ def _redis_errors(fn):
         try:
             return fn(*a, **kw)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            problem = sentinel_problem(get_settings(), exc)
+            if problem:
+                raise click.ClickException(problem) from None
             url = redact_url(get_settings().redis_url)
             raise click.ClickException(f"cannot reach Redis at {url} ({exc}); {connect_hint(exc)}") from None
         except redis.RedisError as exc:
@@ -351,6 +355,9 @@ def _redis_lines(r: dict) -> list[str]:
     cap = _mb(r["maxmemory"]) if r["maxmemory"] else "no limit"
     policy = r["maxmemory_policy"] if r["eviction_safe"] else f"[red]{r['maxmemory_policy']} (may evict leases)[/]"
     lines = [f"redis {r['version']}: memory {_mb(r['used_memory'])} / {cap}, maxmemory-policy {policy}"]
+    if r.get("replicas") or r.get("min_replicas"):
+        reps = ", ".join(f"{x['address']} ({x['state']}, lag {x['lag']} s)" for x in r["replicas"]) or "[red]none[/]"
+        lines.append(f"master {r['master']}, replicas: {reps}; writes wait for {r['min_replicas']} replica(s)")
     for loss in r["data_losses"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["detected_ms"] / 1000))
         lines.append(f"[red]Redis lost its data[/]: noticed {when} by {loss['detected_by']} (queued and in-flight "

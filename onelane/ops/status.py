@@ -83,11 +83,18 @@ def _circuits(client, keys: Keys) -> list[dict]:
             for c in all_circuits(client, keys)]
 
 
-def redis_health(client, keys: Keys) -> dict:
-    """Redis as onelane depends on it: version, eviction policy, memory used / max, data losses noticed."""
+def redis_health(client, keys: Keys, settings=None) -> dict:
+    """Redis as onelane depends on it: version, eviction policy, memory used / max, data losses
+    noticed, and the master with its replicas (address, state, lag in seconds)."""
     mem = client.info("memory")
     server = client.info("server")
+    repl = client.info("replication")
     problem = eviction_problem(mem)
+    conn = client.connection_pool.connection_kwargs
+    replicas = [{"address": f"{v.get('ip')}:{v.get('port')}", "state": v.get("state"), "lag": int(v.get("lag", -1)),
+                 "offset": int(v.get("offset", 0))}
+                for k, v in sorted(repl.items()) if k.startswith("slave") and isinstance(v, dict)]
+    master = _master_address(client, settings) or f"{conn.get('host', '?')}:{conn.get('port', '?')}"
     return {
         "version": server.get("redis_version"),
         "maxmemory_policy": mem.get("maxmemory_policy"),
@@ -95,7 +102,23 @@ def redis_health(client, keys: Keys) -> dict:
         "used_memory": int(mem.get("used_memory", 0)),
         "maxmemory": int(mem.get("maxmemory", 0)),
         "data_losses": losses(client, keys),
+        "role": repl.get("role"),
+        "master": master,
+        "replicas": replicas,
+        "min_replicas": getattr(settings, "min_replicas", 0),
     }
+
+
+def _master_address(client, settings) -> str | None:
+    """host:port of the master a Sentinel client follows (None for a plain client)."""
+    pool = client.connection_pool
+    if not hasattr(pool, "get_master_address"):
+        return None
+    try:
+        host, port = pool.get_master_address()
+        return f"{host}:{port}"
+    except Exception:
+        return None
 
 
 def head_waiting_s(client, keys: Keys, queue: str, now_ms: int) -> float | None:
@@ -177,7 +200,7 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
                             "holder": h.label if h else None, "expires_in_s": h.pttl_ms / 1000 if h else None})
     snap.circuits = _circuits(client, keys)
     snap.limits = _limits(client, keys, settings.limits)
-    snap.redis = redis_health(client, keys)
+    snap.redis = redis_health(client, keys, settings)
     return snap
 
 
@@ -218,7 +241,7 @@ def overview(client, keys: Keys, settings) -> dict:
         "bulk": [lane_line(client, keys, q, settings, now) for q in bulks],
         "circuits": _circuits(client, keys),
         "limits": _limits(client, keys, settings.limits),
-        "redis": redis_health(client, keys),
+        "redis": redis_health(client, keys, settings),
     }
 
 
