@@ -63,7 +63,7 @@ def celery_config(s: Settings) -> dict:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "enable_utc": True,
-        "beat_scheduler": "onelane.delivery.scheduler:OnelaneScheduler",
+        "beat_scheduler": "onelane.ops.beat:OnelaneScheduler",
         "beat_schedule": {
             "onelane-reaper": {"task": REAPER_ENTRY, "schedule": s.reap_interval_s},
         },

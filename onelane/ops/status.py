@@ -36,6 +36,8 @@ class Snapshot:
     limits: list[dict] = field(default_factory=list)
     completed: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    #: the transactional outbox of this lane, as its relay last reported it (None: no relay ever did)
+    outbox: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,8 +103,8 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
             snap.standbys.append(info)
     for raw in lease_names:
         name = text(raw)
-        if keys.is_worker_lease(name):
-            continue  # the guard and worker presence are shown apart
+        if keys.is_worker_lease(name) or keys.is_relay_lease(name):
+            continue  # the guard, worker presence and outbox relay are shown apart
         lease = Lease(client, name, keys=keys)
         h = lease.holder()
         snap.leases.append({"name": name, "fence": lease.fence(), "held": h is not None,
@@ -111,7 +113,26 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
         snap.circuits.append({"resource": c.resource, "state": c.state, "failures": c.failures,
                               "open_for_s": c.blocked_for_ms / 1000, "cooldown_s": c.cooldown_ms / 1000})
     snap.limits = _limits(client, keys, limits)
+    snap.outbox = _outbox(client, keys, queue, now)
     return snap
+
+
+def _outbox(client, keys: Keys, lane: str, now_ms: int) -> dict | None:
+    """The lane's outbox as the relay reported it (read from Redis: status never needs the database).
+
+    The oldest row's age goes on growing after the report, so a relay that stopped shows.
+    """
+    raw = client.hget(keys.outbox_lanes, lane)
+    if raw is None:
+        return None
+    r = json.loads(raw)
+    since_ms = max(0, now_ms - int(r.get("reported_ms", now_ms)))
+    age_ms = r.get("oldest_age_ms")
+    relay = Lease(client, keys.relay_lease(lane), keys=keys).holder()
+    return {"depth": int(r.get("depth", 0)),
+            "oldest_age_s": None if age_ms is None else round((age_ms + since_ms) / 1000, 3),
+            "reported_ago_s": round(since_ms / 1000, 3),
+            "relay": None if relay is None else {"label": relay.label, "host": relay.host, "pid": relay.pid}}
 
 
 def dumps(snap: Snapshot) -> str:
