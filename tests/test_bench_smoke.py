@@ -33,4 +33,11 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     cap = res["capacity"]
     assert cap["onelane_cap_25"]["failed_calls"] == 0 and cap["onelane_cap_25"]["max_concurrency"] <= 25
     assert {"unlimited", "sleep_between_calls"} <= set(cap)
-    assert "overhead" in run.stdout and "calls/s" in run.stdout
+    ob = res["outbox"]
+    for mode in ("notify", "poll", "send_task"):  # commit-to-API latency, each callout once
+        lat = ob["latency"][mode]
+        assert lat["calls"] == 30 and lat["once_each"] and lat["overlaps"] == 0 and lat["p99_ms"] >= lat["p50_ms"] > 0
+    relay = ob["throughput"]["relay"]
+    assert relay["queued"] == relay["rows"] == 500 and relay["rows_per_s"] > 0
+    assert ob["throughput"]["send_task"]["rows_per_s"] > 0
+    assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout

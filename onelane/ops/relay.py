@@ -209,7 +209,7 @@ class Relay:
         self.leases = LaneLeases(self.client, self.keys, ttl_ms=self.s.guard_ttl_ms, label=self.label)
         self.ledger = Ledger(self.client, self.keys, window_s=self.s.dedupe_window_s)
         self.listener = Listener(self.engine) if self.s.outbox_listen and Listener.possible(self.engine) else None
-        self._last_report = self._last_clean = 0.0
+        self._last_report = self._last_clean = self._pass_started = 0.0
         self._lanes: set[str] = set()  # every lane this relay has seen waiting rows of (reported, even at 0)
 
     @property
@@ -412,6 +412,7 @@ class Relay:
                             self.listener.open()
                         log.info("onelane: relay ready: %s, waking by %s", self.describe(), self.wake_up)
                         ready = True
+                    self._pass_started = time.monotonic()
                     done = self.pass_once()
                     self.report(force=bool(done.published or done.dead_lettered) and not done.more)
                     self.clean()
@@ -461,8 +462,8 @@ class Relay:
         return total
 
     def _wait(self, stop: threading.Event) -> None:
-        if self.listener is None:
-            stop.wait(self.s.outbox_poll_ms / 1000)
+        if self.listener is None:  # passes start every ONELANE_OUTBOX_POLL_MS, however long one took
+            stop.wait(max(0.0, self._pass_started + self.s.outbox_poll_ms / 1000 - time.monotonic()))
             return
         give_up = time.monotonic() + SAFETY_PASS_S
         while not stop.is_set() and (left := give_up - time.monotonic()) > 0:
