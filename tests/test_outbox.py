@@ -342,6 +342,33 @@ def test_one_relay_at_a_time_publishes_a_lane(sqlite_url, redis_client):
 
 
 @pytest.mark.redis
+def test_sqlite_producers_and_the_relay_write_at_the_same_time_without_lock_errors(sqlite_url, redis_client):
+    import threading
+
+    # Given a producer thread committing 60 transactions while a relay passes in a loop
+    relay = relay_for(sqlite_url)
+    errors, committed = [], []
+
+    def produce():
+        try:
+            for i in range(60):
+                committed.extend(write(sqlite_url, {"url": f"https://example.com/{i}", "json": {"i": i}}))
+        except Exception as exc:  # "database is locked" would land here
+            errors.append(exc)
+    producer = threading.Thread(target=produce)
+    producer.start()
+    published = 0
+    give_up = time.monotonic() + 60
+    while (producer.is_alive() or published < len(committed)) and time.monotonic() < give_up:
+        published += relay.pass_once().published
+    producer.join(10)
+    relay.leases.release_all()
+    # Then nothing failed, and every row was published once, in commit order
+    assert errors == [] and published == len(committed) == 60
+    assert [kw["json"]["i"] for _, kw in queued(redis_client, "serial")] == list(range(60))
+
+
+@pytest.mark.redis
 def test_relay_command_says_what_is_missing(base_env, tmp_path):
     onelane = str(procs.VENV_BIN / "onelane")
     # no database named
@@ -398,6 +425,10 @@ def test_rolled_back_callouts_never_reach_the_api_committed_ones_once_each_in_or
     assert api.overlaps == 0
     wait_for(lambda: all(r.published_ms for r in rows(pg_url)), 10, what="rows marked published")
     assert len(rows(pg_url)) == 3
+    # and a stopped relay (SIGTERM) exits cleanly and lets go of its lane at once
+    assert redis_client.exists("onelane:lease:relay:serial")
+    assert relay.stop() == 0 and "relay stopped" in relay.log()
+    assert not redis_client.exists("onelane:lease:relay:serial")
 
 
 @pytest.mark.e2e

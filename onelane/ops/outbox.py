@@ -132,12 +132,16 @@ def add(conn, url: str | None = None, *, lane: str | None = None, **kwargs) -> i
     and a rollback removes it (on PostgreSQL with the NOTIFY that would have woken the relay).
     """
     sa = _sqlalchemy()
-    from sqlalchemy.orm import Session
-
     if isinstance(conn, sa.Engine):
         raise OutboxError("outbox.add() needs the connection of your transaction, not the Engine: "
                           "`with engine.begin() as conn: ...; outbox.add(conn, ...)` (or an ORM Session)")
-    if not isinstance(conn, (sa.Connection, Session)):
+    if isinstance(conn, sa.Connection):
+        dialect = conn.dialect
+    elif callable(getattr(conn, "get_bind", None)) and callable(getattr(conn, "execute", None)):
+        # an ORM Session (not imported here: a first import of sqlalchemy.orm racing another
+        # thread's can fail half-initialised, and producers are often threaded)
+        dialect = conn.get_bind().dialect
+    else:
         raise OutboxError(f"outbox.add() needs a SQLAlchemy Connection or Session, got {type(conn).__name__}")
     s = get_settings()
     lane = check_lane(s.queue if lane is None else lane)
@@ -147,7 +151,6 @@ def add(conn, url: str | None = None, *, lane: str | None = None, **kwargs) -> i
     t = table()
     try:
         row_id = conn.execute(t.insert().values(**row)).inserted_primary_key[0]
-        dialect = conn.dialect if isinstance(conn, sa.Connection) else conn.get_bind().dialect
         if dialect.name == "postgresql":
             # delivered at commit only, and once per lane per transaction: wakes the relay within ms
             conn.execute(sa.select(sa.func.pg_notify(CHANNEL, lane)))

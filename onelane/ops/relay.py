@@ -59,6 +59,8 @@ CLEAN_EVERY_S = 60.0
 CLEAN_CHUNK_ROWS = 5_000
 #: after a failed pass (database or Redis away) the relay waits this long, doubling up to the cap
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 15.0
+#: execution option of the relay's connections whose transaction writes (SQLite: BEGIN IMMEDIATE)
+_WRITES = "onelane_relay_writes"
 
 
 def database_url(url: str) -> str:
@@ -87,16 +89,18 @@ def open_engine(url: str):
         raise OutboxError(f"no database driver for {redact_url(url)} ({exc}); "
                           "pip install 'onelane[outbox]' brings psycopg 3 for PostgreSQL") from None
     if engine.dialect.name == "sqlite":
-        # Take the write lock when the batch's transaction begins: a read lock upgraded to a write
-        # lock later can fail against a producer writing at the same moment (SQLITE_BUSY).
+        # A transaction that writes (a batch, the clean-up) takes the write lock when it begins: a
+        # read lock upgraded to a write lock later fails against a producer writing at that moment
+        # (SQLITE_BUSY). Reads begin as usual and never hold producers back.
         @sa.event.listens_for(engine, "connect")
         def _no_implicit_begin(dbapi_conn, record):
             dbapi_conn.isolation_level = None
 
         @sa.event.listens_for(engine, "begin")
-        def _begin_immediate(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITES) else "BEGIN")
     return engine
+
 
 
 class Listener:
@@ -261,7 +265,7 @@ class Relay:
     def _relay_batch(self, lane: str) -> tuple[int, int, bool]:
         sa = outbox._sqlalchemy()
         t = self.table
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**{_WRITES: True}) as conn:
             txn = conn.begin()
             try:
                 rows = conn.execute(
@@ -383,7 +387,7 @@ class Relay:
         before_ms = int(time.time() * 1000) - self.s.outbox_keep_s * 1000
         deleted = 0
         while True:
-            with self.engine.begin() as conn:
+            with self.engine.connect().execution_options(**{_WRITES: True}) as conn, conn.begin():
                 old = sa.select(t.c.id).where(t.c.published_ms.is_not(None), t.c.published_ms < before_ms) \
                     .limit(CLEAN_CHUNK_ROWS).scalar_subquery()
                 n = conn.execute(t.delete().where(t.c.id.in_(old))).rowcount
