@@ -56,6 +56,14 @@ class PostgresServer:
             shutil.chown(self.dir, "postgres", "postgres")
         os.chmod(self.dir, 0o700)
         self._run("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        return self._start(timeout_s)
+
+    def restart(self, timeout_s: float = 60) -> "PostgresServer":
+        """Stop (fast shutdown: every client connection is cut) and start again on the same port and data."""
+        self.stop()
+        return self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> "PostgresServer":
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=60")
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", os.path.join(self.dir, "server.log"),

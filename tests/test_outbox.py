@@ -482,6 +482,27 @@ def test_a_relay_killed_between_publishing_and_marking_does_not_double_the_call(
     assert len(api.calls_for("once")) == 1 and len(api.snapshot()) == 1
 
 
+@pytest.mark.e2e
+def test_postgresql_restarted_under_the_relay_loses_nothing(base_env, redis_client, api, start):
+    # Given a relay (NOTIFY) and a worker on a PostgreSQL server of this test's own
+    with PostgresServer() as pg:
+        url = pg.create_database()
+        engine = sa.create_engine(url)
+        outbox.create_table(engine)
+        engine.dispose()
+        start(procs.worker(base_env))
+        relay = start(RelayProcess(base_env, url))
+        write(url, {"url": f"{api.url}/r", "idempotency_key": "before"})
+        wait_for(lambda: api_keys(api) == ["before"], 30, what="the first callout")
+        # When the server restarts under it (every connection cut) and a callout commits after that
+        pg.restart()
+        write(url, {"url": f"{api.url}/r", "idempotency_key": "after"})
+        # Then the relay waits the outage out, listens again, and the callout arrives once
+        wait_for(lambda: api_keys(api) == ["before", "after"], 30, what="the callout after the restart")
+        assert "pass failed" in relay.log() and relay.log().count("relay ready") >= 2
+        relay.stop()
+
+
 def run_producers(base_env, pg_url, api, producers: int, transactions: int, gap_ms: float = 4
                   ) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-m", "tests.outbox_procs", "produce", "--db", pg_url, "--api", api.url,

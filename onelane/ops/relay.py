@@ -421,25 +421,22 @@ class Relay:
                     self.report(force=bool(done.published or done.dead_lettered) and not done.more)
                     self.clean()
                     backoff = 0.0
+                    if not done.more:  # after a full batch, pass again at once
+                        self._wait(stop)
                 except OutboxError as exc:
                     if fail_fast:
                         raise
                     backoff = _BACKOFF_MAX_S
                     log.error("onelane: relay: %s; looking again in %.0f s", exc, backoff)
                     stop.wait(backoff)
-                    continue
                 except Exception as exc:  # the database or Redis away: wait it out
                     backoff = min(_BACKOFF_MAX_S, max(_BACKOFF_FIRST_S, backoff * 2))
                     log.warning("onelane: relay: pass failed (%s: %s); retrying in %.1f s",
                                 type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", backoff)
-                    if self.listener is not None:
+                    if self.listener is not None:  # it may be the listening connection that broke
                         self.listener.close()
                         ready = False
                     stop.wait(backoff)
-                    continue
-                if done.more:
-                    continue
-                self._wait(stop)
         finally:
             self.leases.release_all()
             if self.listener is not None:
