@@ -114,9 +114,14 @@ def task_id_of(row_id: int, nonce: str) -> str:
     return f"outbox-{int(row_id)}-{nonce}"
 
 
+def is_lane(name) -> bool:
+    """Is ``name`` a lane, i.e. a queue name: 1-100 letters, digits, '_', '.' or '-'?"""
+    return isinstance(name, str) and _LANE_RE.match(name) is not None
+
+
 def check_lane(lane) -> str:
-    """A lane is a queue name: 1-100 letters, digits, '_', '.' or '-'. Raises ValidationError naming it."""
-    if not isinstance(lane, str) or not _LANE_RE.match(lane):
+    """``lane`` if it is a lane name; raises ValidationError naming the argument otherwise."""
+    if not is_lane(lane):
         raise ValidationError("lane", f"must be a queue name (1-100 letters, digits, '_', '.' or '-'), got {lane!r}")
     return lane
 

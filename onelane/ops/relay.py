@@ -127,18 +127,22 @@ class Listener:
         self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
         self.conn.execute(f"LISTEN {outbox.CHANNEL}")
 
-    def wait(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for a notification; True if one (or more) arrived."""
+    def wait(self, timeout_s: float) -> set[str] | None:
+        """Wait up to ``timeout_s`` for notifications; the lanes they name (empty: none came).
+
+        None means "look at every lane": the connection was re-opened, and notifications may have
+        been missed while it was closed.
+        """
         if self.conn is None or self.conn.closed:
             self.open()
-            return True  # notifications may have been missed while it was closed: look now
-        got = False
-        for _ in self.conn.notifies(timeout=timeout_s, stop_after=1):
-            got = True
-        if got:
-            for _ in self.conn.notifies(timeout=0):  # drain: one pass serves them all
-                pass
-        return got
+            return None
+        lanes = {n.payload for n in self.conn.notifies(timeout=timeout_s, stop_after=1)}
+        if lanes:
+            lanes |= {n.payload for n in self.conn.notifies(timeout=0)}  # drain: one pass serves them all
+            # anyone may NOTIFY this channel: a payload that is no lane name means "look at every lane"
+            if not all(outbox.is_lane(lane) for lane in lanes):
+                return None
+        return lanes
 
     def close(self) -> None:
         if self.conn is not None:
@@ -243,15 +247,18 @@ class Relay:
                 "from the README, then start the relay again")
 
     # -- one pass -------------------------------------------------------------------------------
-    def pass_once(self) -> PassReport:
-        """Publish up to one batch of every lane this relay holds; report what was done."""
+    def pass_once(self, lanes=None) -> PassReport:
+        """Publish up to one batch of each lane this relay holds: of ``lanes`` (those a notification
+        named), or of every lane with waiting rows when None. Report what was done."""
         sa = outbox._sqlalchemy()
         t = self.table
         report = PassReport()
-        with self.engine.connect() as conn:
-            lanes = sorted(conn.execute(sa.select(t.c.lane).where(t.c.published_ms.is_(None)).distinct())
-                           .scalars())
-            conn.rollback()
+        if lanes is None:
+            with self.engine.connect() as conn:
+                lanes = conn.execute(sa.select(t.c.lane).where(t.c.published_ms.is_(None)).distinct()).scalars()
+                lanes = list(lanes)
+                conn.rollback()
+        lanes = sorted(set(lanes))
         self._lanes.update(lanes)
         for lane in lanes:
             if not self.leases.hold(lane):
@@ -407,6 +414,7 @@ class Relay:
         """
         backoff = 0.0
         ready = False
+        lanes = None  # the lanes of the next pass: None for every lane with waiting rows
         try:
             while not stop.is_set():
                 try:
@@ -417,12 +425,13 @@ class Relay:
                         log.info("onelane: relay ready: %s, waking by %s", self.describe(), self.wake_up)
                         ready = True
                     self._pass_started = time.monotonic()
-                    done = self.pass_once()
+                    done = self.pass_once(lanes)
+                    lanes = None
                     self.report(force=bool(done.published or done.dead_lettered) and not done.more)
                     self.clean()
                     backoff = 0.0
                     if not done.more:  # after a full batch, pass again at once
-                        self._wait(stop)
+                        lanes = self._wait(stop)
                 except OutboxError as exc:
                     if fail_fast:
                         raise
@@ -462,14 +471,17 @@ class Relay:
             self.engine.dispose()
         return total
 
-    def _wait(self, stop: threading.Event) -> None:
+    def _wait(self, stop: threading.Event):
+        """Wait for the next pass; return the lanes it should look at (None: every lane)."""
         if self.listener is None:  # passes start every ONELANE_OUTBOX_POLL_MS, however long one took
             stop.wait(max(0.0, self._pass_started + self.s.outbox_poll_ms / 1000 - time.monotonic()))
-            return
+            return None
         give_up = time.monotonic() + SAFETY_PASS_S
         while not stop.is_set() and (left := give_up - time.monotonic()) > 0:
-            if self.listener.wait(min(left, 0.25)):  # short slices: a stop is seen within 0.25 s
-                return
+            lanes = self.listener.wait(min(left, 0.25))  # short slices: a stop is seen within 0.25 s
+            if lanes is None or lanes:
+                return lanes  # notified: only the lanes named, without a query for the lane list
+        return None  # the safety pass: every lane
 
 
 class RelayThread(threading.Thread):
