@@ -3,13 +3,24 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# the lane `make worker` / `make up` consume, and where Flower listens
+LANE          ?= $(or $(ONELANE_QUEUE),serial)
+FLOWER_PORT   ?= 5555
+FLOWER_ADDRESS ?= 127.0.0.1
 
 .PHONY: help install test test-fast demo worker beat flower flower-auth up bench clean
 
 help:
-	@echo "make demo    run the main job: many producers, one worker, a fragile API, a summary"
-	@echo "make test    install into $(VENV) and run the whole test suite"
-	@echo "make worker | beat | flower | up    run against REDIS_URL (default redis://localhost:6379/0)"
+	@echo "make demo       run the main job: many producers, one worker, a fragile API, a summary"
+	@echo "make test       install into $(VENV) and run the whole test suite (make test-fast: unit + redis)"
+	@echo "make worker     one worker on lane LANE (default: ONELANE_QUEUE or serial), e.g. make worker LANE=erp"
+	@echo "make beat       beat: the reaper of every lane"
+	@echo "make flower     Flower on $(FLOWER_ADDRESS):$(FLOWER_PORT) (needs FLOWER_BASIC_AUTH=user:password)"
+	@echo "make up         worker + beat + flower in the foreground; Ctrl-C stops all three"
+	@echo "                (worker, beat, flower, up: against REDIS_URL, default redis://localhost:6379/0)"
+	@echo "make bench      onelane beside bare Celery, measured in one run"
+	@echo "make install    create $(VENV) and install onelane with its test tools"
+	@echo "make clean      remove $(VENV) and build leftovers"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,24 +41,29 @@ demo: $(STAMP)
 	$(BIN)/python -m demo.run
 
 worker: $(STAMP)
-	$(BIN)/celery -A tasks worker -Q $${ONELANE_QUEUE:-serial} -l info
+	$(BIN)/celery -A tasks worker -Q $(LANE) -n $(LANE)@%h -l info
 
 beat: $(STAMP)
 	$(BIN)/celery -A tasks beat -l info
 
 # Flower always asks for a login: FLOWER_BASIC_AUTH=user:password (read by Flower itself)
 flower: $(STAMP) flower-auth
-	$(BIN)/celery -A tasks flower --port=5555
+	$(BIN)/celery -A tasks flower --port=$(FLOWER_PORT) --address=$(FLOWER_ADDRESS)
 
 flower-auth:
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password first (Flower shows every callout)"; exit 2; }
 
-# worker + beat + flower in the foreground; Ctrl-C stops all three
+# worker + beat + flower in the foreground. Ctrl-C stops all three: each gets the terminal's
+# SIGINT (the worker's is a warm shutdown), the shell tells them once more with SIGTERM and waits
+# for every one, so the prompt comes back only after the callout in flight has finished.
 up: $(STAMP) flower-auth
-	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/celery -A tasks worker -Q $${ONELANE_QUEUE:-serial} -l info & \
-	$(BIN)/celery -A tasks beat -l info & \
-	$(BIN)/celery -A tasks flower --port=5555 & \
+	@pids=""; \
+	stop() { trap '' INT TERM; echo "make up: stopping; the callout in flight finishes first"; \
+	         kill -TERM $$pids 2>/dev/null; wait $$pids; exit 0; }; \
+	trap stop INT TERM; \
+	$(BIN)/celery -A tasks worker -Q $(LANE) -n $(LANE)@%h -l info & pids="$$pids $$!"; \
+	$(BIN)/celery -A tasks beat -l info & pids="$$pids $$!"; \
+	$(BIN)/celery -A tasks flower --port=$(FLOWER_PORT) --address=$(FLOWER_ADDRESS) & pids="$$pids $$!"; \
 	wait
 
 bench: $(STAMP)

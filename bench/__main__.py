@@ -11,7 +11,10 @@
 4. Memory: worker RSS after the overhead run.
 5. Capacity: 2000 calls of 50 ms to an API that fails above 25 in flight, from two
    thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls.
-6. Outbox: commit-to-API latency of single-callout transactions through the outbox relay,
+6. Lanes: the memory of one lane's worker (prefork and --pool solo), and 20 lanes on one
+   host, one worker each, all progressing at once.
+7. Redis memory: bytes per queued callout (100 000 queued) and per dead letter.
+8. Outbox: commit-to-API latency of single-callout transactions through the outbox relay,
    woken by PostgreSQL NOTIFY and by polling, against send_task right after the commit; and
    the relay's throughput (rows/s) against a plain send_task loop.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
@@ -152,7 +155,8 @@ def capacity_once(module, task, queue, env_extra, calls, kwargs_of):
     with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.05, capacity=25) as api:
         env = env_for(server.url, **env_extra)
         app = Celery(broker=server.url, backend=server.url)
-        ws = [worker(module, queue, env, f"cap{i}", "--pool", "threads", "-c", "20").start(timeout_s=60) for i in range(2)]
+        ws = [worker(module, queue, env, f"cap{i}", "--pool", "threads", "-c", "20").start(timeout_s=60)
+              for i in range(2)]
         try:
             t0 = time.time()
             rs = [app.send_task(task, kwargs=kwargs_of(api, i), queue=queue) for i in range(calls)]
@@ -233,7 +237,96 @@ def recovery(quick):
     return out
 
 
-# -- 6. outbox ---------------------------------------------------------------------------------
+# -- 6. lanes ------------------------------------------------------------------------------------
+def lanes(count: int, per_lane: int, pool: str = "solo"):
+    """``count`` lanes on one host, one worker each; ``per_lane`` callouts of 200 ms on every lane at once."""
+    out = {}
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.2, capacity=1000) as api:
+        env = env_for(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        for one_pool in ("prefork", "solo"):
+            extra = () if one_pool == "prefork" else ("--pool", "solo")
+            w = worker("tasks", f"mem-{one_pool}", env, f"mem-{one_pool}", *extra).start(timeout_s=60)
+            try:
+                for i in range(3):
+                    app.send_task("tasks.callout", queue=f"mem-{one_pool}",
+                                  kwargs={"url": f"{api.url}/m", "json": {"i": i}}).get(timeout=60)
+                out[f"one_lane_rss_mb_{one_pool}"] = round(rss_kb(w.pid) / 1024, 1)
+            finally:
+                w.stop()
+        api.reset()
+        names = [f"lane{i:02d}" for i in range(count)]
+        extra = () if pool == "prefork" else ("--pool", pool)
+        workers = []
+        started = time.monotonic()
+        try:
+            for name in names:
+                workers.append(worker("tasks", name, env, name, *extra).start(wait_ready=False))
+            for w in workers:
+                w.wait_log("ready.", 180)
+            start_s = time.monotonic() - started
+            t0 = time.time()
+            results = [app.send_task("tasks.callout", queue=name, kwargs={
+                "url": f"{api.url}/{name}", "json": {"i": i}, "idempotency_key": f"{name}-{i}"})
+                for i in range(per_lane) for name in names]
+            for r in results:
+                r.get(timeout=300)
+            wall = time.time() - t0
+            total_kb = sum(rss_kb(w.pid) for w in workers)
+        finally:
+            for w in workers:
+                w.stop()
+        calls = api.snapshot()
+        by_lane = {name: sorted((c for c in calls if c.path == f"/{name}"), key=lambda c: c.start) for name in names}
+        overlaps = sum(1 for cs in by_lane.values() for a, b in zip(cs, cs[1:]) if b.start < a.end)
+        out.update({
+            "lanes": count, "pool": pool, "callouts_per_lane": per_lane, "workers_ready_s": round(start_s, 1),
+            "wall_s": round(wall, 2), "ideal_s": round(per_lane * 0.2, 2),
+            "max_lanes_in_flight_at_once": api.max_concurrency, "overlaps_within_a_lane": overlaps,
+            "total_rss_mb": round(total_kb / 1024, 1), "rss_mb_per_lane": round(total_kb / 1024 / count, 1),
+        })
+    return out
+
+
+# -- 7. Redis memory -------------------------------------------------------------------------------
+def redis_memory(queued: int, dead: int):
+    """Redis memory per queued callout (published with send_task) and per dead letter (5 attempts)."""
+    import redis as redis_py
+
+    from onelane.callout.ledger import Ledger
+    from onelane.core.keys import Keys
+
+    with RedisServer(appendonly=False) as server:
+        client = redis_py.Redis.from_url(server.url)
+        app = Celery(broker=server.url, backend=server.url)
+        kwargs = {"url": "https://api.example.com/orders/123456", "json": {"order": 123456, "status": "shipped",
+                  "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}]}, "resource": "erp"}
+        with app.producer_or_acquire() as producer:  # one warm-up publish declares the queue
+            app.send_task("tasks.callout", kwargs=kwargs, queue="mem", producer=producer)
+            client.delete("mem")
+            before = int(client.info("memory")["used_memory"])
+            for i in range(queued):
+                app.send_task("tasks.callout", kwargs={**kwargs, "idempotency_key": f"order-{i}"}, queue="mem",
+                              producer=producer, ignore_result=True)
+        after_queue = int(client.info("memory")["used_memory"])
+        assert client.llen("mem") == queued
+        keys = Keys()
+        ledger = Ledger(client, keys, window_s=86_400)
+        attempts = [{"attempt": n, "started": time.time(), "elapsed_ms": 30012.5, "fencing_token": 1796158025989229 + n,
+                     "status_code": 503, "error": None, "retry_in_s": 1.5} for n in range(1, 6)]
+        for i in range(dead):
+            tid = f"dead-{i:06d}-{'x' * 24}"
+            entry = {"id": tid, "task_id": tid, "queue": "mem", "kind": "failed", "reason": "POST https://api."
+                     "example.com/orders/123456: failed after 5 attempts; last: 503 Service Unavailable",
+                     "request": kwargs, "attempts": attempts, "dead_lettered_at": time.time()}
+            ledger.record_failure(task_id=tid, queue="mem", error=entry["reason"], dead_letter=entry,
+                                  now_ms=int(time.time() * 1000))
+        after_dead = int(client.info("memory")["used_memory"])
+    return {"queued": queued, "bytes_per_queued_callout": round((after_queue - before) / queued),
+            "dead_letters": dead, "bytes_per_dead_letter": round((after_dead - after_queue) / dead)}
+
+
+# -- 8. outbox ---------------------------------------------------------------------------------
 def outbox_latency(pg, server, api, mode: str, n: int, gap_s: float) -> dict:
     """Latency from each commit to its call's arrival at the API: n transactions, one every ~gap_s.
 
@@ -378,6 +471,20 @@ def report(res):
                   "skipped (--quick)" if b is None else (f"{b['seconds_after_kill']}" if b.get("seconds_after_kill")
                                                         is not None else b.get("note", "")),
                   f"API overlaps: onelane {ol['overlaps']}, bare {b['overlaps'] if b else '-'}")
+    ln = res.get("lanes")
+    if ln:
+        t.add_row("one lane's worker RSS MB: prefork / solo", f"{ln['one_lane_rss_mb_prefork']} / "
+                  f"{ln['one_lane_rss_mb_solo']}", "", "")
+        t.add_row(f"{ln['lanes']} lanes on one host (--pool {ln['pool']}), "
+                  f"{ln['callouts_per_lane']} x 200 ms each",
+                  f"{ln['wall_s']} s (ideal {ln['ideal_s']} s)", f"{ln['total_rss_mb']} MB in all",
+                  f"{ln['rss_mb_per_lane']} MB/lane; {ln['max_lanes_in_flight_at_once']} lanes in flight at "
+                  f"once; {ln['overlaps_within_a_lane']} overlaps")
+    mem = res.get("redis_memory")
+    if mem:
+        t.add_row(f"Redis memory: per queued callout ({mem['queued']} queued) / per dead letter",
+                  f"{mem['bytes_per_queued_callout']} B / {mem['bytes_per_dead_letter']} B", "",
+                  f"1 GB holds ~{(1 << 30) // max(1, mem['bytes_per_queued_callout']):,} queued callouts")
     ob = res.get("outbox")
     if ob:
         lat = ob["latency"]
@@ -418,6 +525,11 @@ def main(argv=None) -> int:
     res["capacity"] = capacity(cap_calls)
     console.print("recovery ...")
     res["recovery"] = recovery(a.quick)
+    lane_count = 3 if a.quick else 20
+    console.print(f"lanes: {lane_count} lanes on one host ...")
+    res["lanes"] = lanes(lane_count, 2 if a.quick else 5)
+    console.print("redis memory ...")
+    res["redis_memory"] = redis_memory(2000 if a.quick else 100_000, 200 if a.quick else 10_000)
     ob_calls, ob_rows = (30, 500) if a.quick else (300, 5000)
     res["args"].update(outbox_calls=ob_calls, outbox_rows=ob_rows)
     console.print(f"outbox: {ob_calls} transactions three ways, {ob_rows} rows through the relay ...")

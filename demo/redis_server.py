@@ -52,12 +52,14 @@ class RedisServer:
     """A redis-server child process with its own directory; AOF on by default."""
 
     def __init__(self, *, port: int | None = None, appendonly: bool = True, appendfsync: str = "everysec",
-                 password: str | None = None, workdir: str | None = None, tls: "TLSFiles | None" = None):
+                 password: str | None = None, workdir: str | None = None, tls: "TLSFiles | None" = None,
+                 extra_args: tuple = ()):
         self.port = port or free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.password = password
         self.tls = tls
+        self.extra_args = list(extra_args)
         self.dir = workdir or tempfile.mkdtemp(prefix="onelane-redis-")
         self._own_dir = workdir is None
         self.proc: subprocess.Popen | None = None
@@ -68,7 +70,7 @@ class RedisServer:
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0, *, wait: bool = True) -> "RedisServer":
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError(
@@ -85,9 +87,11 @@ class RedisServer:
             args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
             args += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key,
                      "--tls-ca-cert-file", self.tls.ca, "--tls-auth-clients", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        self.wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -125,10 +129,19 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=timeout_s)
 
-    def restart(self, *, kill: bool = False) -> None:
-        """Stop (SIGKILL when ``kill``) and start again on the same port and data directory."""
+    def restart(self, *, kill: bool = False, empty: bool = False, extra_args: tuple | None = None,
+                wait: bool = True) -> None:
+        """Stop (SIGKILL when ``kill``) and start again on the same port and data directory — with
+        ``empty``, without its data (as a Redis without persistence comes back)."""
         self.stop(kill=kill)
-        self.start()
+        if empty:
+            for name in os.listdir(self.dir):
+                if name != "redis.log":
+                    path = os.path.join(self.dir, name)
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        if extra_args is not None:
+            self.extra_args = list(extra_args)
+        self.start(wait=wait)
 
     def close(self) -> None:
         self.stop()

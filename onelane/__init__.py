@@ -23,9 +23,7 @@ __version__ = "0.2.0"
 
 def __getattr__(name: str):
     if name == "app":
-        from onelane.celery_app import app
-
-        return app
+        return _app()
     if name == "submit":
         from onelane.ops.producer import submit
 
@@ -39,3 +37,20 @@ def __getattr__(name: str):
 
         return outbox
     raise AttributeError(f"module 'onelane' has no attribute {name!r}")
+
+
+def _app():
+    """The Celery app; under the ``celery`` command a bad setting ends it with one line, no traceback."""
+    import os
+    import sys
+
+    from onelane.core.errors import ConfigError
+
+    try:
+        from onelane.celery_app import app
+    except ConfigError as exc:
+        if os.path.basename(sys.argv[0] if sys.argv else "").startswith("celery") or \
+                (sys.argv and sys.argv[0].endswith(os.path.join("celery", "__main__.py"))):
+            raise SystemExit(f"onelane: {exc}") from None
+        raise
+    return app

@@ -26,8 +26,10 @@ def celery_config(s: Settings) -> dict:
         # kombu's Redis transport with a fetch that cannot lose a message (onelane/delivery/transport.py)
         "broker_transport": "onelane.delivery.transport:Transport",
         "result_backend": s.redis_url,
-        "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),
-                        Queue(s.bulk_queue, Exchange(s.bulk_queue, type="direct"), routing_key=s.bulk_queue)),
+        # the default lane; a worker started with -Q <lane> (or -Q bulk) gets its queue declared on
+        # demand (task_create_missing_queues), with the same direct exchange shape
+        "task_queues": (Queue(q, Exchange(q, type="direct"), routing_key=q),),
+        "task_create_missing_queues": True,
         "task_default_queue": q,
         "task_default_exchange": q,
         "task_default_routing_key": q,
@@ -44,6 +46,15 @@ def celery_config(s: Settings) -> dict:
         # kombu restores unacked messages older than this; it must exceed the longest callout
         "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
+        # A Redis that refuses for a while (OOM at maxmemory, READONLY during a failover) is a
+        # reason to reconnect and go on, never to exit: the consumer treats those replies as it
+        # treats a lost connection, and the result backend retries them like one (~5 min).
+        "broker_channel_error_retry": True,
+        "result_backend_transport_options": {
+            "additional_connection_errors": ["redis.exceptions.OutOfMemoryError", "redis.exceptions.ReadOnlyError",
+                                             "redis.exceptions.ExecAbortError"],
+            "retry_policy": {"max_retries": 300, "interval_start": 0, "interval_step": 0.2, "interval_max": 1},
+        },
         "broker_connection_timeout": 5,
         "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
                                       "interval_max": 1.0},
@@ -64,6 +75,8 @@ def celery_config(s: Settings) -> dict:
         "result_accept_content": ["json"],
         "enable_utc": True,
         "beat_scheduler": "onelane.ops.beat:OnelaneScheduler",
+        # a message the worker cannot run is dead-lettered and marked FAILURE, never dropped silently
+        "worker_consumer": "onelane.consumer:Consumer",
         "beat_schedule": {
             "onelane-reaper": {"task": REAPER_ENTRY, "schedule": s.reap_interval_s},
         },

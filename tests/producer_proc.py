@@ -5,8 +5,11 @@ import random
 import time
 
 
-def publish(redis_url: str, url: str, producer: int, count: int, max_gap_s: float, out) -> None:
-    """Publish ``count`` callouts with ``send_task`` only (no onelane import), in order."""
+def publish(redis_url: str, url: str, producer: int, count: int, max_gap_s: float, out, lanes=None) -> None:
+    """Publish ``count`` callouts with ``send_task`` only (no onelane import), in order.
+
+    ``lanes`` ({lane: API URL}) publishes each callout to every lane in turn, interleaved.
+    """
     from celery import Celery
 
     app = Celery(broker=redis_url, backend=redis_url)
@@ -14,13 +17,14 @@ def publish(redis_url: str, url: str, producer: int, count: int, max_gap_s: floa
     rng = random.Random(producer)
     ids = []
     for n in range(count):
-        r = app.send_task(
-            "tasks.callout",
-            kwargs={"url": f"{url}/p/{producer}", "json": {"producer": producer, "n": n},
-                    "idempotency_key": f"p{producer}-{n}"},
-            queue="serial",
-        )
-        ids.append(r.id)
+        for lane, base in (lanes or {"serial": url}).items():
+            r = app.send_task(
+                "tasks.callout",
+                kwargs={"url": f"{base}/p/{producer}", "json": {"producer": producer, "n": n, "lane": lane},
+                        "idempotency_key": f"{lane}-p{producer}-{n}" if lanes else f"p{producer}-{n}"},
+                queue=lane,
+            )
+            ids.append(r.id)
         time.sleep(rng.uniform(0, max_gap_s))
     out.put((producer, ids))
 
@@ -28,12 +32,12 @@ def publish(redis_url: str, url: str, producer: int, count: int, max_gap_s: floa
 class Producers:
     """Several producer processes publishing at once; stopped by pid when the block ends."""
 
-    def __init__(self, redis_url: str, url: str, *, processes: int, count: int, max_gap_s: float):
+    def __init__(self, redis_url: str, url: str, *, processes: int, count: int, max_gap_s: float, lanes=None):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.out = ctx.Queue()
-        self.procs = [ctx.Process(target=publish, args=(redis_url, url, p, count, max_gap_s, self.out))
+        self.procs = [ctx.Process(target=publish, args=(redis_url, url, p, count, max_gap_s, self.out, lanes))
                       for p in range(processes)]
 
     def __enter__(self) -> "Producers":

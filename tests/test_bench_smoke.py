@@ -33,6 +33,11 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     cap = res["capacity"]
     assert cap["onelane_cap_25"]["failed_calls"] == 0 and cap["onelane_cap_25"]["max_concurrency"] <= 25
     assert {"unlimited", "sleep_between_calls"} <= set(cap)
+    ln = res["lanes"]
+    assert ln["lanes"] == 3 and ln["overlaps_within_a_lane"] == 0 and ln["max_lanes_in_flight_at_once"] >= 2
+    assert ln["one_lane_rss_mb_prefork"] > 0 and ln["one_lane_rss_mb_solo"] > 0 and ln["total_rss_mb"] > 0
+    mem = res["redis_memory"]
+    assert mem["queued"] == 2000 and mem["bytes_per_queued_callout"] > 100 and mem["bytes_per_dead_letter"] > 100
     ob = res["outbox"]
     for mode in ("notify", "poll", "send_task"):  # commit-to-API latency, each callout once
         lat = ob["latency"][mode]

@@ -34,10 +34,10 @@ def test_status_shows_the_callout_in_flight_guard_standby_and_leases(base_env, r
         celery_app.send_task("tasks.callout", queue="serial", kwargs={"url": f"{api.url}/q{i}"})
     wait_for(lambda: api.calls_for("slow"), 20, what="the slow call")
     t0 = time.monotonic()
-    out = cli(base_env, "status", "--json")
+    out = cli(base_env, "status", "serial", "--json")
     took = time.monotonic() - t0
     st = json.loads(out.stdout)
-    assert st["schema"] == 1 and st["queue"] == "serial"
+    assert st["schema"] == 2 and st["queue"] == "serial" and st["kind"] == "lane"
     assert [f["task_id"] for f in st["in_flight"]] == [r.id]
     assert st["in_flight"][0]["resource"] == "serial" and st["in_flight"][0]["attempt"] == 1
     assert st["guard"]["pid"] == w.pid
@@ -45,7 +45,7 @@ def test_status_shows_the_callout_in_flight_guard_standby_and_leases(base_env, r
     assert st["depth"] == 3
     lease = [entry for entry in st["leases"] if entry["name"] == "resource:serial"][0]
     assert lease["held"] and lease["fence"] >= 1
-    plain = cli({**base_env, "COLUMNS": "200"}, "status")
+    plain = cli({**base_env, "COLUMNS": "200"}, "status", "serial")
     assert r.id in plain.stdout and "resource:serial" in plain.stdout
     print(f"\nonelane status --json answered in {took * 1000:.0f} ms (process start included)")
     r.get(timeout=20)
@@ -64,17 +64,50 @@ def test_reap_says_what_it_cleared(base_env, redis_client):
 
 
 @pytest.mark.redis
-def test_watch_refreshes_and_leaves_cleanly_on_ctrl_c(base_env, redis_client):
-    p = subprocess.Popen([ONELANE, "watch", "--interval", "0.2"], env=base_env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+def test_watch_in_a_terminal_refreshes_says_idle_and_leaves_cleanly_on_ctrl_c(base_env, redis_client):
+    import os
+    import pty
+
+    # Given watch running in a terminal (a pseudo-terminal) on an idle lane
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([ONELANE, "watch", "--interval", "0.2"], env={**base_env, "COLUMNS": "120"},
+                         stdin=follower, stdout=follower, stderr=follower, start_new_session=True)
+    os.close(follower)
+    out = b""
     try:
-        time.sleep(1.5)
+        give_up = time.monotonic() + 15
+        while b"idle" not in out and time.monotonic() < give_up:
+            import select
+
+            if select.select([leader], [], [], 0.2)[0]:
+                out += os.read(leader, 65536)
+        # When Ctrl-C arrives
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=10)
+        p.wait(timeout=10)
+        while select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=5)
-    assert p.returncode == 0, err
-    assert "queued work" in out and "stopped watching" in out
-    assert "Traceback" not in err
+        os.close(leader)
+    text = out.decode(errors="replace")
+    # Then it showed the lane as idle (not "0% 0/1"), and left cleanly
+    assert p.returncode == 0, text[-2000:]
+    assert "idle" in text and "0/1" not in text
+    assert "stopped watching" in text and "Traceback" not in text
+
+
+@pytest.mark.redis
+def test_watch_to_a_pipe_prints_plain_lines(base_env, redis_client):
+    out = cli(base_env, "watch", "--interval", "0.1", "--count", "3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("serial: idle, depth 0, in flight 0" in line for line in lines), lines
+    assert "\x1b[" not in out.stdout  # no terminal control sequences

@@ -157,7 +157,7 @@ def test_pause_stops_new_callouts_survives_restart_and_resume_continues_in_order
     start(procs.worker(base_env, "w2"))
     time.sleep(2)
     assert len(api.snapshot()) == seen
-    status = json.loads(cli(base_env, "status", "--json").stdout)
+    status = json.loads(cli(base_env, "status", "serial", "--json").stdout)
     assert status["paused"] is not None and status["depth"] + status["delayed"] >= 6 - seen - 1
     assert cli(base_env, "resume").returncode == 0
     for r in rs:
@@ -167,22 +167,48 @@ def test_pause_stops_new_callouts_survives_restart_and_resume_continues_in_order
     assert api.overlaps == 0
 
 
-def test_circuit_opens_after_k_failures_and_closes_on_success(base_env, redis_client, api, start, celery_app):
-    env = {**base_env, "ONELANE_CIRCUIT_THRESHOLD": "2", "ONELANE_CIRCUIT_COOLDOWN": "1.5"}
+def test_circuit_opens_after_k_failing_callouts_and_closes_on_success(base_env, redis_client, api, start,
+                                                                      celery_app):
+    # Given a circuit that opens after 2 failing callouts, and callouts with 2 attempts each
+    env = {**base_env, "ONELANE_CIRCUIT_THRESHOLD": "2", "ONELANE_CIRCUIT_COOLDOWN": "1.5",
+           "ONELANE_MAX_ATTEMPTS": "2"}
     start(procs.worker(env))
-    api.script("cb", [Reply(503), Reply(503), Reply(200, {"ok": 1})])
-    r = publish(celery_app, api, "cb", resource="acme")
+    api.script("cb1", [Reply(503), Reply(503)])
+    api.script("cb2", [Reply(503), Reply(200, {"ok": 1})])
+    # When the first callout fails for good and the second fails once
+    r1 = publish(celery_app, api, "cb1", resource="acme")
+    r2 = publish(celery_app, api, "cb2", resource="acme")
 
     def circuit_open():
         st = json.loads(cli(env, "status", "--json").stdout)
         return [c for c in st["circuits"] if c["resource"] == "acme" and c["state"] == "open"]
 
-    wait_for(circuit_open, 10, interval_s=0.1, what="the circuit of acme to open")
-    assert r.get(timeout=30)["attempts"] == 3
-    calls = api.calls_for("cb")
-    # no callout to the resource started during the cool-down
-    assert gaps(calls)[1] >= 1.5 - 0.05, gaps(calls)
+    # Then the circuit opens (two callouts failed in a row), and no callout starts during the cool-down
+    wait_for(circuit_open, 15, interval_s=0.1, what="the circuit of acme to open")
+    r1.get(timeout=30, propagate=False)
+    assert r1.state == "FAILURE"
+    assert r2.get(timeout=30)["attempts"] == 2
+    calls = api.calls_for("cb2")
+    assert gaps(calls)[0] >= 1.5 - 0.05, gaps(calls)
     st = json.loads(cli(env, "status", "--json").stdout)
+    assert [c["state"] for c in st["circuits"] if c["resource"] == "acme"] == ["closed"]
+
+
+def test_one_failing_callout_does_not_open_the_circuit_for_the_next(base_env, redis_client, api, start,
+                                                                   celery_app):
+    # Given the default circuit threshold (5) and attempts (5), and a callout that always fails
+    start(procs.worker(base_env))
+    api.script("always-500", [Reply(500)] * 5)
+    bad = publish(celery_app, api, "always-500", resource="acme")
+    good = publish(celery_app, api, "unrelated", resource="acme")
+    # When the bad one has used its 5 attempts and is dead-lettered
+    bad.get(timeout=60, propagate=False)
+    assert bad.state == "FAILURE" and len(api.calls_for("always-500")) == 5
+    # Then the circuit is still closed and the next callout starts at once (not after a 30 s cool-down)
+    assert good.get(timeout=10)["status_code"] == 200
+    gap = api.calls_for("unrelated")[0].start - api.calls_for("always-500")[-1].end
+    assert gap < 2.0, gap
+    st = json.loads(cli(base_env, "status", "--json").stdout)
     assert [c["state"] for c in st["circuits"] if c["resource"] == "acme"] == ["closed"]
 
 

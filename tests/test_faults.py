@@ -124,8 +124,12 @@ def test_second_worker_refused_and_standby_takes_over(base_env, redis_client, ap
     wait_for(lambda: w2.proc.poll() is not None, 30, what="the second worker to exit")
     assert w2.proc.returncode != 0
     log = w2.log()
-    assert "holds the guard of queue 'serial'" in log
+    assert "holds the guard of lane 'serial'" in log
     assert f"pid {w1.pid}" in log and "ONELANE_STANDBY=1" in log
+    # ... in one line: no "Unrecoverable error", no traceback, and nothing left behind for the reaper
+    assert "Unrecoverable error" not in log and "Traceback" not in log, log[-3000:]
+    worker_leases = [m for m in redis_client.zrange(KEYS.lease_index, 0, -1) if m.startswith(b"worker:")]
+    assert len(worker_leases) == 1, worker_leases  # w1's presence only
     # A standby waits without consuming
     standby = procs.worker({**env, "ONELANE_STANDBY": "1"}, "w3")
     start(standby, wait_ready=False)
@@ -205,7 +209,7 @@ def test_beat_killed_and_doubled_requeues_once_loses_nothing(base_env, redis_cli
         items = redis_client.lrange("serial", 0, -1)
         return any(json.loads(i)["headers"]["id"] == r1.id for i in items)
 
-    wait_for(requeued, 15, what="the orphan to be requeued by a beat")
+    wait_for(requeued, 30, what="the orphan to be requeued by a beat")
     time.sleep(1.5)  # both beats get several more passes
     ids = [json.loads(i)["headers"]["id"] for i in redis_client.lrange("serial", 0, -1)]
     assert ids.count(r1.id) == 1, "requeued twice"
@@ -242,13 +246,15 @@ def test_redis_restart_loses_nothing_and_worker_resumes(base_env, api, start):
 
 
 @pytest.mark.parametrize("extra, why", [(["-c", "2"], "concurrency is 2"),
-                                        (["--prefetch-multiplier", "4"], "prefetch multiplier is 4")])
+                                        (["--prefetch-multiplier", "4"], "prefetch multiplier is 4"),
+                                        (["--autoscale", "4,1"], "autoscale is 4,1")])
 def test_worker_that_would_run_two_at_once_refuses(base_env, redis_client, start, extra, why):
     w = procs.worker(base_env, "wide", extra=extra)
     start(w, wait_ready=False)
     wait_for(lambda: w.proc.poll() is not None, 30, what="the misconfigured worker to exit")
     assert w.proc.returncode != 0
     assert why in w.log() and "one message at a time" in w.log()
+    assert "Traceback" not in w.log() and "ready." not in w.log()
 
 
 def test_release_dead_holder_setting_retries_at_once(base_env, redis_client, api, start, celery_app):

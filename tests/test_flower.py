@@ -74,6 +74,7 @@ def test_flower_lists_callouts_with_name_state_worker_kwargs_and_runtime_behind_
         assert t["name"] == "tasks.callout"
         assert t["state"] == "SUCCESS"
         assert t["worker"] == worker_name
+        assert t["routing_key"] == "serial"  # the lane it ran on
         assert t["received"] and t["started"] and t["succeeded"]
         # runtime is in seconds: at least the API's delay, and far below the bounded wait
         assert api.delay_s <= t["runtime"] < 30, t["runtime"]

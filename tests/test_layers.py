@@ -36,7 +36,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "facade"  # onelane/__init__.py: lazy names from every layer
-    if parts[1] in ("celery_app", "task"):
+    if parts[1] in ("celery_app", "task", "consumer"):
         return "composition"
     return parts[1]
 

@@ -221,28 +221,47 @@ def test_the_fence_grows_with_every_grant_and_a_regrant_to_the_same_token_keeps_
     lz = lease(redis_client)
     a, b = new_token(), new_token()
     assert lz.fence() == 0
+    before_us = int(redis_client.time()[0]) * 1_000_000
     g1 = lz.acquire(a, ttl_ms=10_000)
-    assert g1.fence == 1 == lz.fence()
+    # a new counter starts from the Redis clock, in microseconds
+    assert g1.fence == lz.fence() and g1.fence > before_us
     # a re-grant to the holder keeps its fence (and its "since")
     since = lz.holder().since_ms
     again = lz.try_acquire(a, ttl_ms=10_000)
-    assert isinstance(again, Grant) and again.fence == g1.fence and lz.fence() == 1
+    assert isinstance(again, Grant) and again.fence == g1.fence and lz.fence() == g1.fence
     assert lz.holder().since_ms == since
     assert lz.release(a)
     g2 = lz.acquire(b, ttl_ms=10_000)
     assert lz.release(b)
     g3 = lz.acquire(a, ttl_ms=10_000)  # the same token again, after a release: a new grant
-    assert g1.fence < g2.fence < g3.fence
-    assert [g2.fence, g3.fence] == [2, 3] and lz.fence() == 3
+    assert [g2.fence, g3.fence] == [g1.fence + 1, g1.fence + 2] and lz.fence() == g3.fence
     # a holder's refusal does not bump the counter
     assert isinstance(lz.try_acquire(b, ttl_ms=10_000), Holder)
-    assert lz.fence() == 3
+    assert lz.fence() == g3.fence
 
 
 def test_fences_are_per_lease(redis_client):
     one, two = lease(redis_client, "resource:one"), lease(redis_client, "resource:two")
-    assert one.acquire(new_token(), ttl_ms=10_000).fence == 1
-    assert two.acquire(new_token(), ttl_ms=10_000).fence == 1
+    f1 = one.acquire(new_token(), ttl_ms=10_000).fence
+    f2 = two.acquire(new_token(), ttl_ms=10_000).fence
+    assert one.fence() == f1 and two.fence() == f2
+    assert one.acquire(one.holder().token, ttl_ms=10_000).fence == f1  # each counts only its own grants
+
+
+def test_fences_never_go_backwards_when_redis_loses_its_data(redis_client):
+    lz = lease(redis_client)
+    fences = []
+    for _ in range(3):
+        t = new_token()
+        fences.append(lz.acquire(t, ttl_ms=10_000).fence)
+        lz.release(t)
+    # When Redis comes back empty (its data lost)
+    redis_client.flushdb()
+    time.sleep(0.002)
+    t = new_token()
+    after = lz.acquire(t, ttl_ms=10_000).fence
+    # Then the next token is still above every token granted before
+    assert after > max(fences), (fences, after)
 
 
 # -- waiting ------------------------------------------------------------------------------------

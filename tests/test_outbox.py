@@ -268,7 +268,10 @@ def test_a_row_that_no_longer_validates_is_dead_lettered_with_its_row_id_and_blo
 
 @pytest.mark.redis
 def test_status_shows_the_outbox_depth_and_the_oldest_rows_age_per_lane(sqlite_url, redis_client):
-    from onelane.ops.status import snapshot
+    from rich.console import Console
+
+    from onelane.ops.cli import render, render_overview
+    from onelane.ops.status import overview, snapshot
 
     # Given two rows waiting on "serial", the oldest written 30 s ago, and one on "erp"
     ids = write(sqlite_url, {"url": "https://example.com/1"}, {"url": "https://example.com/2"})
@@ -277,28 +280,30 @@ def test_status_shows_the_outbox_depth_and_the_oldest_rows_age_per_lane(sqlite_u
     t = outbox.table()
     with engine.begin() as conn:
         conn.execute(t.update().where(t.c.id == ids[0]).values(created_ms=int(time.time() * 1000) - 30_000))
-    keys = Keys()
-    assert snapshot(redis_client, keys, "serial").outbox is None  # no relay has reported yet
+    keys, s = Keys(), get_settings()
+    assert snapshot(redis_client, keys, "serial", s).outbox is None  # no relay has reported yet
     # When a relay reports before publishing
     relay = relay_for(sqlite_url)
     relay.report(force=True)
     # Then status shows each lane's depth and oldest age, from Redis alone
-    serial = snapshot(redis_client, keys, "serial").outbox
+    serial = snapshot(redis_client, keys, "serial", s).outbox
     assert serial["depth"] == 2 and 29 <= serial["oldest_age_s"] < 60 and serial["relay"] is None
-    assert snapshot(redis_client, keys, "erp").outbox["depth"] == 1
+    assert snapshot(redis_client, keys, "erp", s).outbox["depth"] == 1
+    # the overview lists every lane the outbox feeds (no worker has consumed "erp" yet), with its outbox
+    lines = {line["name"]: line for line in overview(redis_client, keys, s)["lanes"]}
+    assert lines["erp"]["outbox"]["depth"] == 1 and lines["serial"]["outbox"]["depth"] == 2
+    console = Console(width=160, record=True)
+    console.print(render_overview(overview(redis_client, keys, s)))
+    assert re.search(r"serial .* 2 \(3\d s\)", console.export_text()), console.export_text()
     # and after the relay published them: depth 0, and the relay that holds the lane
     relay.pass_once()
     relay.report(force=True)
-    after = snapshot(redis_client, keys, "serial").outbox
+    after = snapshot(redis_client, keys, "serial", s).outbox
     assert after["depth"] == 0 and after["oldest_age_s"] is None and after["relay"]["label"] == relay.label
     # the resource lease table does not list the relay's lane leases
-    assert not [le for le in snapshot(redis_client, keys, "serial").leases if le["name"].startswith("relay:")]
-    from rich.console import Console
-
-    from onelane.ops.cli import render
-
+    assert not [le for le in snapshot(redis_client, keys, "serial", s).leases if le["name"].startswith("relay:")]
     console = Console(width=160, record=True)
-    console.print(render(snapshot(redis_client, keys, "serial")))
+    console.print(render(snapshot(redis_client, keys, "serial", s)))
     assert re.search(r"outbox\s+0 waiting, oldest -", console.export_text())
     relay.leases.release_all()
 

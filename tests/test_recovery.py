@@ -37,7 +37,7 @@ def deliver(redis_client, celery_app):
 
 
 def run_reaper(client):
-    return reap(client, KEYS, queue="serial", margin_ms=MARGIN_MS, bulk_queue="bulk")
+    return reap(client, KEYS, lanes=["serial"], bulk_queues=["bulk"], margin_ms=MARGIN_MS)
 
 
 def queued_ids(client) -> list[str]:

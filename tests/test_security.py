@@ -238,7 +238,7 @@ def test_tls_redis_carries_broker_results_and_leases(base_env, api, start, tmp_p
         assert out.returncode == 0, out.stderr[-2000:]
         [call] = api.snapshot()
         assert call.key == "over-tls" and int(out.stdout.strip()) == call.fence >= 1
-        status = subprocess.run([str(procs.VENV_BIN / "onelane"), "status", "--json"], env=env,
+        status = subprocess.run([str(procs.VENV_BIN / "onelane"), "status", "serial", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert json.loads(status.stdout)["guard"]["pid"] == w.pid
         # without the CA the server's certificate cannot be verified, and the error says so

@@ -113,3 +113,5 @@ def test_a_worker_with_a_bad_setting_exits_non_zero_naming_the_variable(base_env
     assert done.returncode != 0, out[-3000:]
     assert "ONELANE_CALLOUT_TIMEOUT" in out, out[-3000:]
     assert "ready." not in out
+    # ... in one line, without Celery's "Unable to load" and a traceback
+    assert "Traceback" not in out and "Unable to load" not in out, out[-3000:]

@@ -32,6 +32,9 @@ BAD = [
     ("headers-int-value", {"url": "{api}/bad/h1", "headers": {"X-N": 1}}, "headers"),
     ("headers-list", {"url": "{api}/bad/h2", "headers": ["X-N: 1"]}, "headers"),
     ("headers-reserved", {"url": "{api}/bad/h3", "headers": {"Idempotency-Key": "k"}}, "headers"),
+    ("header-host", {"url": "{api}/bad/h4", "headers": {"Host": "evil.example.com"}}, "headers"),
+    ("header-hop-by-hop", {"url": "{api}/bad/h5", "headers": {"Transfer-Encoding": "chunked"}}, "headers"),
+    ("url-with-password", {"url": "http://user:PASSWORD@127.0.0.1/bad"}, "url"),
     ("timeout-string", {"url": "{api}/bad/t1", "timeout": "abc"}, "timeout"),
     ("timeout-zero", {"url": "{api}/bad/t2", "timeout": 0}, "timeout"),
     ("timeout-negative", {"url": "{api}/bad/t3", "timeout": -1}, "timeout"),
@@ -81,6 +84,7 @@ def test_submit_refuses_bad_input_naming_the_field(kwargs, field, redis_client):
     assert isinstance(exc, ValidationError)
     assert exc.field == field
     assert repr(field) in str(exc)
+    assert "PASSWORD" not in str(exc)  # a URL password never shows in an error
     # nothing was published
     assert _queued(redis_client) == 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from http import cookiejar
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -144,11 +145,25 @@ def is_name_resolution_error(exc: BaseException) -> bool:
     return False
 
 
+class _NoCookies(cookiejar.DefaultCookiePolicy):
+    """Refuse to keep or send any cookie: each callout stands alone.
+
+    One session (one connection pool) serves every callout of a process; a cookie an API
+    sets on one response must never ride along on later callouts, to it or to anyone else.
+    """
+
+    def set_ok(self, cookie, request):
+        return False
+
+    def return_ok(self, cookie, request):
+        return False
+
+
 _sessions: dict[int, requests.Session] = {}
 
 
 def session() -> requests.Session:
-    """One keep-alive session per process (connections are reused between callouts)."""
+    """One keep-alive session per process: connections are reused between callouts, cookies never."""
     import os
 
     pid = os.getpid()
@@ -160,6 +175,7 @@ def session() -> requests.Session:
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         s.trust_env = False
+        s.cookies.set_policy(_NoCookies())
         _sessions.clear()
         _sessions[pid] = s
     return s

@@ -106,3 +106,10 @@ class Ledger:
             return []
         raws = self.client.hmget(self.keys.dead_letters(queue), ids)
         return [json.loads(r) for r in raws if r is not None]
+
+
+def count_batch_outcome(pipe, keys: Keys, batch_id: str, field: str, *, now_ms: int) -> None:
+    """Count one outcome of a batch (``field``: done, failed or dead_lettered) and when it came,
+    queued on ``pipe`` (or run on a client)."""
+    pipe.hincrby(keys.batch(batch_id), field, 1)
+    pipe.hset(keys.batch(batch_id), "last_ms", now_ms)

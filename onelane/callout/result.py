@@ -13,7 +13,7 @@ from onelane.core.redaction import redact_headers, redact_kwargs
 
 
 def success_result(reply: Reply, *, attempt: int, fence: int, task_id: str, idempotency_key: str,
-                   resource: str, method: str, url: str, redact: frozenset) -> dict:
+                   resource: str, lane: str, method: str, url: str, redact: frozenset) -> dict:
     """The task's result: status, headers (masked), body as JSON or text, and where it came from."""
     resp = reply.response
     out = {
@@ -25,6 +25,7 @@ def success_result(reply: Reply, *, attempt: int, fence: int, task_id: str, idem
         "task_id": task_id,
         "idempotency_key": idempotency_key,
         "resource": resource,
+        "lane": lane,
         "method": method,
         "url": url,
         "redirected_to": resp.url if resp.url != url else None,

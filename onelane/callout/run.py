@@ -34,16 +34,17 @@ from celery.exceptions import Ignore
 from onelane.callout import credentials, http
 from onelane.callout.classify import Reply, RetryPolicy, Verdict
 from onelane.callout.egress import EgressPolicy
-from onelane.callout.ledger import FAILURE, Ledger, Outcome
+from onelane.callout.ledger import FAILURE, Ledger, Outcome, count_batch_outcome
 from onelane.callout.permit import Permit, permit_for
 from onelane.callout.result import attempt_entry, dead_letter_entry, storable, success_result
 from onelane.callout.validation import CalloutRequest, validate
 from onelane.coordination.circuit import Circuit, CircuitState
 from onelane.coordination.lease import Grant, new_token
-from onelane.core.clients import client_for
+from onelane.core.clients import client_for, ride_out
 from onelane.core.clock import redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
+from onelane.core.redaction import redact_url
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import flow
@@ -137,6 +138,7 @@ class CalloutRun:
                                           self.inflight, lease_grace_ms=s.lease_grace_ms)
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
+        self._said_circuit_open = False
 
     # -- begin ------------------------------------------------------------------------------
     @classmethod
@@ -163,6 +165,9 @@ class CalloutRun:
     # -- before an attempt --------------------------------------------------------------------
     def preflight(self) -> Preflight:
         """One round trip: recorded outcome, attempts so far, pause, circuit, the Redis clock."""
+        return self._redis(self._preflight)
+
+    def _preflight(self) -> Preflight:
         d, s = self.delivery, self.settings
         pipe = self.client.pipeline(transaction=False)
         self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
@@ -199,7 +204,8 @@ class CalloutRun:
         relaxed order an open circuit moves it to the delay set.
         """
         d = self.delivery
-        if check.paused and not flow.wait_resumed(self.client, self.keys, d.queue, timeout_s=PAUSE_WAIT_S):
+        if check.paused and not self._redis(
+                lambda: flow.wait_resumed(self.client, self.keys, d.queue, timeout_s=PAUSE_WAIT_S)):
             raise self.give_back_at_head("queue paused")
         blocked_s = check.circuit.blocked_for_ms / 1000
         if not blocked_s:
@@ -207,7 +213,10 @@ class CalloutRun:
         if self.settings.ordering == "relaxed":
             self._defer_or_sleep(blocked_s, f"circuit of {self.resource!r} open")
         else:
-            log.warning("onelane: circuit of %r open; %s waits %.1f s", self.resource, self.task_id, blocked_s)
+            if not self._said_circuit_open:  # once per run: the opening itself was logged with its end
+                log.info("onelane: %s waits for the circuit of %r to close (%.1f s)", self.task_id,
+                         self.resource, blocked_s)
+                self._said_circuit_open = True
             self.clock.sleep(min(blocked_s, CIRCUIT_NAP_S))
         return False
 
@@ -227,10 +236,11 @@ class CalloutRun:
             task_id=d.task_id, queue=d.queue, resource=self.resource, owner=d.owner, lease="", lease_token="",
             fence=0, started_ms=0, deadline_ms=0, attempt=check.attempt, delivery_tag=d.delivery_tag,
             host=socket.gethostname(), pid=os.getpid(), kwargs=self.stored_kwargs)
+        token = new_token()
         try:
-            grant, waited_ms = self.permits.acquire(
-                record, token=new_token(), ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
-                timeout_ms=self.timeout_ms, redis_now_ms=now_ms)
+            grant, waited_ms = self._redis(lambda: self.permits.acquire(
+                record, token=token, ttl_ms=self.timeout_ms + self.settings.lease_grace_ms,
+                timeout_ms=self.timeout_ms, redis_now_ms=now_ms))
         except LeaseBusy as exc:
             raise self.dead_letter(f"{exc}; gave up waiting") from None
         attempt = Attempt(check.attempt, grant, waited_ms)
@@ -241,7 +251,7 @@ class CalloutRun:
                 self._release_quietly(attempt)
             raise
         if not attempt.released:
-            self.permits.release(grant)
+            self._redis(lambda: self.permits.release(grant))
             attempt.released = True
 
     def send(self, attempt: Attempt) -> Reply:
@@ -270,27 +280,39 @@ class CalloutRun:
             response, error, permanent = None, f"{type(exc).__name__}: {exc}", True
         reply = Reply(response=response, error=error, permanent=permanent, started=started,
                       elapsed_ms=(self.clock.time() - started) * 1000)
-        self.permits.feedback(reply, retry_after_max_s=self.settings.retry_after_max_s)
+        try:
+            self.permits.feedback(reply, retry_after_max_s=self.settings.retry_after_max_s)
+        except redis.RedisError as exc:  # best effort: the adaptive cap learns from the next reply
+            log.warning("onelane: %s: could not tell the permit how the API coped (%s)", self.task_id, exc)
         return reply
 
     # -- after the attempt ----------------------------------------------------------------------
     def record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
         """Record the outcome, drop the in-flight record, release the permit and close the
-        circuit in one transaction; return the result."""
+        circuit in one transaction; return the result.
+
+        The call has happened: while Redis refuses (out of memory, loading, away) this keeps
+        trying to record it, never calling the API again.
+        """
+        return self._redis(lambda: self._record_success(attempt, reply, verdict))
+
+    def _record_success(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> dict:
         d, req = self.delivery, self.request
         result = success_result(reply, attempt=attempt.number, fence=attempt.grant.fence, task_id=d.task_id,
-                                idempotency_key=self.idempotency_key, resource=self.resource,
+                                idempotency_key=self.idempotency_key, resource=self.resource, lane=d.queue,
                                 method=req.method, url=req.url, redact=self.settings.redact_headers)
         if self.permits.capped:
             result["waited_ms"] = round(attempt.waited_ms, 1)
         entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
+        finished_ms = attempt.grant.now_ms + int(entry["elapsed_ms"])
         done = self.client.pipeline(transaction=True)
         self.ledger.add_attempt(d.task_id, entry, pipe=done)
         self.ledger.record_success(task_id=d.task_id, queue=d.queue, idempotency_key=self.idempotency_key,
-                                   result=result, now_ms=attempt.grant.now_ms + int(entry["elapsed_ms"]), pipe=done)
+                                   result=result, now_ms=finished_ms, pipe=done)
         self.permits.release(attempt.grant, pipe=done)
         self.circuit.record(ok=True, pipe=done)
-        self._count_batch(done, "done")
+        if d.batch:
+            count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
         try:
             done.execute()
         except redis.exceptions.NoScriptError:
@@ -303,10 +325,16 @@ class CalloutRun:
 
     def record_attempt(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> None:
         """Keep a failed attempt (for the attempt count and the dead letter); the circuit learns from it."""
-        self.ledger.add_attempt(self.task_id, attempt_entry(reply, verdict, attempt=attempt.number,
-                                                            fence=attempt.grant.fence))
-        if verdict.api_up is not None:
-            self.circuit.record(ok=verdict.api_up)
+        entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
+        self._redis(lambda: self.ledger.add_attempt(self.task_id, entry))
+        if verdict.api_up is None:
+            return
+        after = self._redis(lambda: self.circuit.record(ok=verdict.api_up, task_id=self.task_id))
+        if after.opened_now:
+            closes = time.strftime("%H:%M:%S", time.localtime(time.time() + after.cooldown_ms / 1000))
+            log.warning("onelane: circuit of %r opened after %d failing callout(s) in a row (last: %s); no "
+                        "callout to it starts until %s (cool-down %.0f s)", self.resource, after.failures,
+                        verdict.reason, closes, after.cooldown_ms / 1000)
 
     def wait_before_retry(self, attempt: Attempt, verdict: Verdict) -> None:
         """Wait the verdict's time before the next attempt: strict order holds the queue (sleeps);
@@ -323,14 +351,16 @@ class CalloutRun:
         """Record the callout as failed for good, with its request and every attempt; return the
         error to raise (the task ends in FAILURE)."""
         error = f"{self.request.method} {self.request.url}: {reason}"
-        _record_dead_letter(self.settings, self.client, self.keys, self.delivery, self.stored_kwargs,
-                            error=error, kind="failed", attempts=self.ledger.attempts(self.task_id))
+        self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
+                                                self.stored_kwargs, error=error, kind="failed",
+                                                attempts=self.ledger.attempts(self.task_id)))
         return CalloutFailed(f"{error}; dead-lettered as {self.task_id}")
 
     def give_back_at_head(self, why: str) -> Ignore:
         """Put this message back at the head of its queue (order kept); return the Ignore that ends the run."""
         d = self.delivery
-        requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id)
+        self._redis(lambda: requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
+                                            task_id=d.task_id))
         log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
         return Ignore()
 
@@ -339,16 +369,22 @@ class CalloutRun:
         """Move the message to the delay set, due in ``wait_s``, and end the run (Ignore); a message
         not delivered through kombu (an eager call) cannot move, so sleep instead."""
         d = self.delivery
-        due_ms = redis_now_ms(self.client) + int(wait_s * 1000)
-        if flow.defer(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag, task_id=d.task_id,
-                      due_ms=due_ms):
+
+        def defer() -> bool:
+            due_ms = redis_now_ms(self.client) + int(wait_s * 1000)
+            return flow.defer(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
+                              task_id=d.task_id, due_ms=due_ms)
+
+        if self._redis(defer):
             log.warning("onelane: %s deferred %.2f s (%s); the queue moves on", d.task_id, wait_s, why)
             raise Ignore()
         self.clock.sleep(wait_s)
 
-    def _count_batch(self, pipe, field: str) -> None:
-        if self.delivery.batch:
-            pipe.hincrby(self.keys.batch(self.delivery.batch), field, 1)
+    def _redis(self, fn):
+        """Run a Redis step of this run, waiting out a Redis that refuses for a while (out of memory,
+        loading, busy, read-only) or is away: such a spell delays a callout, it never fails or repeats it."""
+        return ride_out(fn, what=f"callout {self.task_id}", log=log, sleep=self.clock.sleep,
+                        monotonic=self.clock.monotonic)
 
     def _release_quietly(self, attempt: Attempt) -> None:
         try:
@@ -375,7 +411,7 @@ def describe_failure(exc: Exception) -> tuple[str, bool]:
 def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: ValidationError) -> CalloutRejected:
     """Dead-letter a message whose arguments are wrong; return the error to raise."""
     if exc.field == "payload":  # too large or not JSON: keep a summary, not the payload
-        stored = {"url": str(kwargs.get("url"))[:2000], "omitted": "arguments too large or not JSON"}
+        stored = {"url": redact_url(str(kwargs.get("url")))[:2000], "omitted": "arguments too large or not JSON"}
     if args:
         stored = {**stored, "args": [repr(a)[:200] for a in args]}
     log.warning("onelane: rejected %s: %s (dead-lettered, the API was not called)", delivery.task_id, exc)
@@ -389,9 +425,10 @@ def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, sto
                         kind: str, attempts: list) -> None:
     entry = dead_letter_entry(delivery.task_id, delivery.queue, stored, reason=error, kind=kind,
                               attempts=attempts, batch=delivery.batch)
+    now_ms = redis_now_ms(client)
     Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
-        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry,
-        now_ms=redis_now_ms(client))
+        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms)
     if delivery.batch:
-        client.hincrby(keys.batch(delivery.batch), "failed" if kind == "invalid" else "dead_lettered", 1)
+        count_batch_outcome(client, keys, delivery.batch, "failed" if kind == "invalid" else "dead_lettered",
+                            now_ms=now_ms)
     log.error("onelane: %s dead-lettered: %s", delivery.task_id, error)

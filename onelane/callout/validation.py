@@ -13,11 +13,15 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from onelane.core.errors import ValidationError
-from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S
+from onelane.core.redaction import redact_url
+from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S, QUEUE_NAME_RE
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: headers onelane sets itself on every request
 RESERVED_HEADERS = ("idempotency-key", "x-fencing-token")
+#: headers the HTTP client owns: the target host, and hop-by-hop headers of one connection
+TRANSPORT_HEADERS = ("host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+                     "trailer", "upgrade", "content-length", "expect")
 ARGUMENTS = (
     "url", "method", "json", "data", "headers", "params", "timeout", "resource", "idempotency_key",
     "retry_on",
@@ -115,17 +119,23 @@ def _url(url) -> str:
         raise ValidationError("url", "is required (an http:// or https:// URL)")
     if not isinstance(url, str):
         raise ValidationError("url", f"must be a string, got {type(url).__name__}")
+    shown = redact_url(url)  # an error message is logged and stored: never with a password in it
     try:
         parts = urlsplit(url)
         parts.port  # raises on a bad port
     except ValueError as exc:
-        raise ValidationError("url", f"is not a valid URL ({exc}): {url!r}") from None
+        raise ValidationError("url", f"is not a valid URL ({exc}): {shown!r}") from None
     if parts.scheme.lower() not in ("http", "https"):
-        raise ValidationError("url", f"must use http or https, got {parts.scheme or 'no scheme'!r}: {url!r}")
+        raise ValidationError("url", f"must use http or https, got {parts.scheme or 'no scheme'!r}: {shown!r}")
     if not parts.hostname:
-        raise ValidationError("url", f"has no host: {url!r}")
+        raise ValidationError("url", f"has no host: {shown!r}")
     if any(c.isspace() for c in url):
-        raise ValidationError("url", f"must not contain white space: {url!r}")
+        raise ValidationError("url", f"must not contain white space: {shown!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValidationError(
+            "url", f"must not carry a user name or password ({shown!r}): it would travel in the message and be "
+            "stored with it. Put the credentials in the worker's ONELANE_CREDENTIALS_FILE (e.g. an "
+            "Authorization header for this callout's resource) and leave them out of the URL")
     return url
 
 
@@ -163,6 +173,10 @@ def _headers(headers) -> dict:
                 "percent- or base64-encode it")
         if "\r" in v or "\n" in v:
             raise ValidationError("headers", f"the value of {k!r} contains a line break")
+        if k.lower() in TRANSPORT_HEADERS:
+            raise ValidationError(
+                "headers", f"{k!r} is set by the HTTP client for the URL and connection; leave it out "
+                "(the Host header always names the URL's host)")
         if k.lower() in RESERVED_HEADERS:
             raise ValidationError(
                 "headers",
@@ -180,7 +194,8 @@ def _params(params) -> dict:
     for k, v in params.items():
         items = v if isinstance(v, list) else [v]
         if not isinstance(k, str) or not all(isinstance(i, ok) and not isinstance(i, bool) for i in items):
-            raise ValidationError("params", f"must map strings to strings, numbers or lists of them; {k!r}: {v!r} is not")
+            raise ValidationError("params",
+                                  f"must map strings to strings, numbers or lists of them; {k!r}: {v!r} is not")
     return dict(params)
 
 
@@ -247,3 +262,11 @@ def check_payload(kwargs: Mapping[str, Any]) -> int:
         return len(json.dumps(dict(kwargs), allow_nan=False).encode())
     except (TypeError, ValueError) as exc:
         raise ValidationError("payload", f"is not JSON-serialisable: {exc}") from None
+
+
+def validate_lane(lane) -> str:
+    """A lane (queue) name: 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit."""
+    if not isinstance(lane, str) or not QUEUE_NAME_RE.match(lane):
+        raise ValidationError("lane", f"must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or "
+                                      f"digit, got {lane!r}")
+    return lane

@@ -1,5 +1,6 @@
-"""A circuit breaker per resource: after K consecutive retryable failures no callout to it
-starts for a cool-down (doubling up to a cap); a success closes it.
+"""A circuit breaker per resource: after K callouts in a row fail (retryably) no callout to it
+starts for a cool-down (doubling up to a cap); a success closes it. A callout's own retries
+count once, so one bad callout cannot open the circuit on its own.
 
 The state lives in Redis, so every worker sees it and ``onelane status`` can show it.
 """
@@ -29,6 +30,17 @@ class CircuitState:
         return max(0, self.open_until_ms - self.now_ms) if self.state == "open" else 0
 
 
+@dataclass(frozen=True)
+class CircuitRecord:
+    """What recording an outcome did: the state after it, and whether this failure opened it."""
+
+    state: str
+    failures: int
+    open_until_ms: int
+    cooldown_ms: int
+    opened_now: bool
+
+
 class Circuit:
     def __init__(self, client, keys: Keys, resource: str, *, threshold: int, cooldown_ms: int,
                  cooldown_max_ms: int):
@@ -54,16 +66,20 @@ class Circuit:
         return CircuitState(self.resource, state, int(h.get("failures") or 0), open_until,
                             int(h.get("cooldown") or 0), now)
 
-    def record(self, ok: bool, *, pipe=None) -> CircuitState | None:
-        """Record one attempt's outcome; with ``pipe``, queued on that pipeline (returns None)."""
+    def record(self, ok: bool, *, task_id: str = "", pipe=None) -> CircuitRecord | None:
+        """Record one attempt's outcome; with ``pipe``, queued on that pipeline (returns None).
+
+        Failures count per callout (``task_id``): a callout's own retries count once, so one
+        bad callout cannot open the circuit by itself; ``threshold`` failing callouts in a row do.
+        """
         keys = [self.keys.circuit(self.resource), self.keys.circuit_index]
-        args = ["ok" if ok else "fail", self.resource, self.threshold, self.cooldown_ms, self.cooldown_max_ms]
+        args = ["ok" if ok else "fail", self.resource, self.threshold, self.cooldown_ms, self.cooldown_max_ms,
+                task_id]
         if pipe is not None:
             _RECORD.queue_on(pipe, self.client, keys=keys, args=args)
             return None
         res = _RECORD(self.client, keys=keys, args=args)
-        return CircuitState(self.resource, text(res[0]), int(res[1]), int(res[2]), int(res[3]),
-                            redis_now_ms(self.client))
+        return CircuitRecord(text(res[0]), int(res[1]), int(res[2]), int(res[3]), opened_now=bool(int(res[4])))
 
 
 def all_circuits(client, keys: Keys, **kw) -> list[CircuitState]:

@@ -1,11 +1,15 @@
 """One redis-py client per process and Redis URL, with bounded timeouts and retries."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+from onelane.core.redaction import redact_url  # noqa: F401  (REDIS_URL as shown in messages)
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
@@ -36,17 +40,6 @@ def get_client(url: str, *, ca_certs: str = "") -> redis.Redis:
 def client_for(settings) -> redis.Redis:
     """The process's client for the settings' Redis (TLS CA bundle included)."""
     return get_client(settings.redis_url, ca_certs=settings.redis_ca_certs)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def exposure_warning(client, url: str) -> str | None:
@@ -91,9 +84,108 @@ def is_tls_verify_failure(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
+def is_not_redis(exc: BaseException) -> bool:
+    """Did something answer on REDIS_URL, but not in Redis's protocol (an HTTP server, say)?"""
+    return isinstance(exc, redis.exceptions.InvalidResponse)
+
+
+def not_redis_message(url: str, exc: BaseException) -> str:
+    """The one line to show when REDIS_URL points at something that is not Redis."""
+    return (f"REDIS_URL {redact_url(url)} answered, but not as Redis ({exc}); point REDIS_URL at a Redis "
+            "server, e.g. redis://host:6379/0")
+
+
 def connect_hint(exc: BaseException) -> str:
     """What to check after a failed connection, in the user's terms."""
     if is_tls_verify_failure(exc):
         return ("the server's TLS certificate could not be verified: for a private CA set "
                 "ONELANE_REDIS_CA_CERTS=/path/to/ca.pem")
     return "is redis-server running, and is REDIS_URL right?"
+
+
+# -- a Redis that refuses for a while -----------------------------------------------------------
+#: answers that mean "not now" rather than "never": waited out, never a reason to exit
+_REFUSALS = {
+    "OOM": "Redis is out of memory (maxmemory reached, policy noeviction) and refuses writes",
+    "LOADING": "Redis is loading its data set after a restart",
+    "BUSY": "Redis is busy running a script",
+    "READONLY": "Redis is a read-only replica (a failover under way?)",
+    "MASTERDOWN": "the Redis replica has lost its master",
+    "TRYAGAIN": "Redis asked to try again",
+    "EXECABORT": "Redis refused a transaction (it refused one of its commands)",
+}
+
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """Why Redis refused, if it is a refusal that passes (out of memory, loading, busy,
+    read-only); None for any other error."""
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return _REFUSALS["LOADING"]
+    if isinstance(exc, (redis.exceptions.ResponseError,)):
+        head = str(exc).split(" ", 1)[0].upper()
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or head.startswith("OOM"):
+            return _REFUSALS["OOM"]
+        if isinstance(exc, redis.exceptions.ReadOnlyError):
+            return _REFUSALS["READONLY"]
+        return _REFUSALS.get(head)
+    return None
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """Why Redis cannot serve right now, if it is worth waiting for (unreachable, timed out, or
+    refusing for a while); None for errors that waiting cannot cure (a wrong password, not Redis)."""
+    if isinstance(exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return None
+    reason = refusal_reason(exc)
+    if reason is not None:
+        return reason
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"Redis is unreachable ({exc})"
+    return None
+
+
+def ride_out(fn, *, what: str, log: logging.Logger, should_stop=None, max_wait_s: float | None = None,
+             sleep=time.sleep, monotonic=time.monotonic):
+    """Call ``fn`` until it works while Redis refuses for a while or is away; return its result.
+
+    Waits with a backoff (50 ms doubling to 1 s) and logs once per spell, naming the reason
+    and what waits. Raises at once for any other error; raises the last refusal when
+    ``should_stop()`` turns true or ``max_wait_s`` has passed.
+    """
+    spell_started = None
+    delay = 0.05
+    while True:
+        try:
+            result = fn()
+        except redis.RedisError as exc:
+            reason = transient_reason(exc)
+            if reason is None:
+                raise
+            now = monotonic()
+            if spell_started is None:
+                spell_started = now
+                log.warning("onelane: %s; %s waits and tries again", reason, what)
+            if (should_stop and should_stop()) or (max_wait_s is not None and now - spell_started > max_wait_s):
+                raise
+            sleep(delay)
+            delay = min(1.0, delay * 2)
+            continue
+        if spell_started is not None:
+            log.warning("onelane: Redis answers again; %s goes on (waited %.1f s)", what, monotonic() - spell_started)
+        return result
+
+
+# -- the eviction policy ------------------------------------------------------------------------------
+def eviction_problem(info_memory: dict) -> str | None:
+    """Why this Redis could evict onelane's leases (its maxmemory-policy), or None when it cannot.
+
+    Read from INFO memory, which managed Redis services answer even with CONFIG disabled.
+    """
+    policy = str(info_memory.get("maxmemory_policy", "noeviction"))
+    if policy == "noeviction":
+        return None
+    return (f"Redis's maxmemory-policy is {policy!r}: under memory pressure it may evict keys"
+            + (" with an expiry — onelane's leases — " if policy.startswith("volatile") else " — leases among them — ")
+            + "and a second worker would then call the API while the first still does. Set "
+            "`maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction, or in redis.conf; on a "
+            "managed service, in its parameter group); ONELANE_ALLOW_EVICTION=1 starts anyway, at that risk")

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 KOMBU_UNACKED = "unacked"
 #: ... and their delivery times (seconds, the worker's clock) in this sorted set.
 KOMBU_UNACKED_INDEX = "unacked_index"
+#: kombu's Redis transport keeps a message published with priority p > 0 in "<queue><sep><p>"
+KOMBU_PRIORITY_SEP = "\x06\x16"
+#: the priority levels a producer's kombu may use (its priority_steps are a subset of 1-9)
+PRIORITY_LEVELS = tuple(range(1, 10))
 
 
 @dataclass(frozen=True)
@@ -167,11 +171,37 @@ class Keys:
         """Set: resources that have a circuit record."""
         return f"{self.prefix}:circuits"
 
+    # -- lanes and bulk queues, discovered: every worker registers the queue it consumes
+    @property
+    def queues(self) -> str:
+        """Hash: queue name -> JSON {kind: "lane" | "bulk", first_ms, seen_ms} of every consumed queue."""
+        return f"{self.prefix}:queues"
+
+    def head_seen(self, queue: str) -> str:
+        """Hash: the task id at the head of the queue and when it was first seen there (ms), for status."""
+        return f"{self.prefix}:head:{queue}"
+
+    # -- Redis itself
+    @property
+    def epoch(self) -> str:
+        """Hash: the id (random, written once) and birth of this Redis data set (see onelane.delivery.epoch)."""
+        return f"{self.prefix}:epoch"
+
+    @property
+    def data_loss(self) -> str:
+        """Hash: epoch id -> JSON of the data loss noticed when that epoch appeared."""
+        return f"{self.prefix}:data-loss"
+
     # -- kombu's
     @staticmethod
     def queue_list(queue: str) -> str:
         """kombu's list for the queue (priority 0); LPUSH appends, BRPOP takes the head."""
         return queue
+
+    @staticmethod
+    def priority_list(queue: str, level: int) -> str:
+        """kombu's list for messages of ``queue`` published with priority ``level`` (1-9)."""
+        return f"{queue}{KOMBU_PRIORITY_SEP}{level}"
 
     # -- the transactional outbox (see onelane.ops.relay)
     @staticmethod

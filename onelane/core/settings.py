@@ -21,11 +21,15 @@ from onelane.core.limits import Limit, parse_limits
 #: Set by a guarded worker for its pool children: the owner written in in-flight records.
 #: Internal, not a user setting.
 WORKER_ID_ENV = "ONELANE_WORKER_ID"
+#: Set by a worker's guard: the one queue (lane or bulk) it consumes. Internal, not a user setting.
+WORKER_QUEUE_ENV = "ONELANE_WORKER_QUEUE"
 
 #: The largest per-call ``timeout`` a callout may ask for (seconds).
 MAX_CALLOUT_TIMEOUT_S = 3600.0
 
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+#: a queue (lane) name: what Redis keys and Celery queue names can carry safely
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_QUEUE_RE = QUEUE_NAME_RE
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -92,6 +96,8 @@ class Settings:
     limits: tuple = ()
     #: every key onelane writes starts with this
     key_prefix: str = "onelane"
+    #: start even though Redis's maxmemory-policy could evict leases (a warning instead of a refusal)
+    allow_eviction: bool = False
 
     # -- the transactional outbox (onelane.ops.outbox, onelane.ops.relay)
     #: SQLAlchemy URL of the database whose outbox table beat relays ("" = beat runs no relay)
@@ -331,6 +337,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_ca_certs=_path(env, "ONELANE_REDIS_CA_CERTS"),
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
+        allow_eviction=_flag(env, "ONELANE_ALLOW_EVICTION", False),
         outbox_db=_database_url(env, "ONELANE_OUTBOX_DB"),
         outbox_poll_ms=_number(env, "ONELANE_OUTBOX_POLL_MS", 100, kind=int, low=1, high=60_000),
         outbox_keep_s=_number(env, "ONELANE_OUTBOX_KEEP", 86_400, kind=int, low=0, high=366 * 86_400),

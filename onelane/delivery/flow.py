@@ -11,13 +11,14 @@ import json
 import socket
 import time
 
-from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, PRIORITY_LEVELS, Keys
 from onelane.core.scripts import LuaScript
 from onelane.core.text import text
 from onelane.delivery.messages import mark_redelivered
 
 _DEFER = LuaScript(__package__, "defer")
 _PROMOTE = LuaScript(__package__, "promote_due")
+_ABSORB = LuaScript(__package__, "absorb_priorities")
 
 
 def pause(client, keys: Keys, queue: str, *, by: str = "") -> None:
@@ -71,3 +72,23 @@ def defer(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, du
 def promote_due(client, keys: Keys, queue: str, *, limit: int = 100) -> int:
     """Move due relaxed retries to the tail of the queue; return how many moved."""
     return int(_PROMOTE(client, keys=[keys.delayed(queue), keys.queue_list(queue)], args=[limit]))
+
+
+def absorb_priorities(client, keys: Keys, queue: str, *, limit: int = 100) -> int:
+    """Move messages published with a priority (kombu's sub-lists) to the tail of the queue.
+
+    Guarantee: a message a plain producer sent with ``priority=`` runs like any other, in
+    the order kombu would serve it (the queue's own messages first, then level by level,
+    oldest first); each moves once (one script). Returns how many moved.
+    """
+    sub_lists = [keys.priority_list(queue, level) for level in PRIORITY_LEVELS]
+    return int(_ABSORB(client, keys=[keys.queue_list(queue), *sub_lists], args=[limit]))
+
+
+def depth(client, keys: Keys, queue: str) -> int:
+    """Messages waiting in the queue, those published with a priority included."""
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(keys.queue_list(queue))
+    for level in PRIORITY_LEVELS:
+        pipe.llen(keys.priority_list(queue, level))
+    return sum(pipe.execute())

@@ -1,17 +1,22 @@
-"""The worker guard: one consumer per serial queue, as a Celery worker bootstep.
+"""The worker guard: one consumer per lane, as a Celery worker bootstep.
 
-On start the worker takes the queue's guard lease (``guard:<queue>``) and renews it
-from a heartbeat thread while it lives; a clean shutdown releases it. Guarantees:
+A worker consumes exactly one queue: a *lane* (any queue but the bulk queue: one
+integration, one call at a time, in order) or the bulk queue. It registers that queue in
+Redis, so beat's reaper and ``onelane status`` find every lane with nothing to configure.
+On a lane it takes the lane's guard lease (``guard:<lane>``) and renews it from a
+heartbeat thread while it lives; a clean shutdown releases it. Guarantees:
 
-* a second worker on the same queue, while a live one holds the guard, refuses to
-  start (non-zero exit) with a message naming the holder, or, with
-  ONELANE_STANDBY=1, waits without consuming and takes over within one guard TTL
-  after the holder dies;
+* a second worker on the same lane, while a live one holds the guard, refuses to start
+  (non-zero exit, one line naming the holder), or, with ONELANE_STANDBY=1, waits without
+  consuming and takes over within one guard TTL after the holder dies;
 * a holder on this host whose pid is gone is provably dead: its guard is taken at once;
 * before consuming, the new holder puts the orphans of earlier holders back at the
-  head of the queue (after their attempt deadlines), so order holds;
+  head of the lane (after their attempt deadlines), so order holds;
 * a worker that finds its guard taken by another stops itself (warm shutdown);
-* a worker configured to run more than one serial message at a time refuses to start.
+* a warm shutdown keeps the guard until the callout in flight is finished and
+  acknowledged, so a standby never takes over a lane whose call is still running;
+* a worker that would run more than one message of a lane at a time (``-c``,
+  ``--autoscale``, ``--prefetch-multiplier``, several queues) refuses to start.
 
 The guard is the second line of defence; the resource lease is the first.
 """
@@ -34,39 +39,59 @@ from onelane.coordination.lease import Grant, Lease
 from onelane.core.clients import (
     client_for,
     connect_hint,
+    eviction_problem,
     exposure_warning,
+    is_not_redis,
     is_tls_verify_failure,
+    not_redis_message,
     redact_url,
+    ride_out,
+    transient_reason,
     version_problem,
 )
 from onelane.core.errors import GuardHeld, LeaseNotHeld, OnelaneError, WorkerMisconfigured
 from onelane.core.keys import Keys
-from onelane.core.settings import WORKER_ID_ENV, get_settings
-from onelane.delivery.flow import promote_due
+from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
+from onelane.delivery.epoch import EpochWatch
+from onelane.delivery.flow import absorb_priorities, promote_due
 from onelane.delivery.recovery import wait_and_requeue_orphans
+from onelane.delivery.registry import register_queue
 
 log = logging.getLogger(__name__)
 
-#: how often the heartbeat thread moves due relaxed retries back to the queue
+#: how often the heartbeat thread moves due relaxed retries and prioritised messages to the queue
 PROMOTE_EVERY_S = 0.25
+#: the exit status of a worker that refuses to start
+EX_REFUSED = 1
 
 
-def consumed_queues(worker) -> set[str]:
+def consumed_queues(worker) -> list[str]:
+    """The queues this worker was told to consume (``-Q``), or the app's default ones."""
     queues = worker.app.amqp.queues
-    names = set(queues.consume_from or {}) or set(queues)
-    return names
+    return sorted(set(queues.consume_from or {}) or set(queues))
+
+
+def one_queue_rule(queues: list[str], bulk_queue: str) -> str | None:
+    """Why a worker given ``queues`` must not start (None if it may): one worker, one queue."""
+    if len(queues) == 1:
+        return None
+    lanes = [q for q in queues if q != bulk_queue]
+    commands = "; ".join(f"celery -A tasks worker -Q {q} -n {q}@%h" for q in queues)
+    return (f"this worker was given {len(queues)} queues ({', '.join(queues)}); one worker serves one queue, "
+            "so that a slow call of one lane never holds another and no lane ever runs two calls at once"
+            + (f" (lanes here: {', '.join(lanes)})" if lanes else "")
+            + f". Start one worker per queue: {commands} — or all of them at once with `celery multi` "
+            "(see the README, \"Many lanes\")")
 
 
 class GuardService:
-    """Holds one queue's guard lease for the life of a worker process."""
+    """Registers this worker's queue, shows its presence and, on a lane, holds the lane's guard."""
 
     def __init__(self, worker, settings):
         self.worker = worker
         self.s = settings
         self.keys = Keys(settings.key_prefix)
         self.client = client_for(settings)
-        self.lease = Lease(self.client, self.keys.guard_name(settings.queue), keys=self.keys)
-        self.serial = True
         # One token for the life of this process: pool children inherit it through the
         # environment and write it as the owner of their in-flight records.
         self.token = uuid.uuid4().hex
@@ -74,88 +99,137 @@ class GuardService:
         self.presence = Lease(self.client, self.keys.presence(self.token), keys=self.keys)
         self.since_ms = int(time.time() * 1000)
         self.label = f"worker {getattr(worker, 'hostname', '?')}"
+        #: the one queue this worker consumes, and whether it is a lane (guarded) or the bulk queue
+        self.queue = settings.queue
+        self.lane: str | None = None
+        self.lease: Lease | None = None
+        self.epoch: EpochWatch | None = None
         self._stop = threading.Event()
         self._thread = None
+        self._terminating = False
         self.held = False
 
     # -- start ---------------------------------------------------------------------
     def start(self) -> None:
+        """Start, or refuse with one line that says why and what to do (non-zero exit)."""
+        try:
+            self._start()
+        except OnelaneError as exc:
+            # One clear line, not Celery's "Unrecoverable error" and a traceback: a SystemExit
+            # raised in a bootstep's start() stops the worker with that status, quietly.
+            log.critical("%s", exc)
+            self._leave()
+            raise SystemExit(EX_REFUSED) from None
+
+    def _start(self) -> None:
         queues = consumed_queues(self.worker)
-        self.serial = self.s.queue in queues
-        if len(queues) > 1:
-            log.warning("onelane: this worker consumes %s; a worker of several queues fetches with kombu's own "
-                        "BRPOP, which can lose a message if the worker is killed mid-fetch. Run one worker per "
-                        "queue (-Q %s, -Q %s)", ", ".join(sorted(queues)), self.s.queue, self.s.bulk_queue)
-        if self.serial:
-            self._check_configuration()
+        problem = one_queue_rule(queues, self.s.bulk_queue)
+        if problem:
+            raise WorkerMisconfigured(f"onelane: {problem}")
+        self.queue = queues[0]
+        os.environ[WORKER_QUEUE_ENV] = self.queue  # the transport fetches this queue loss-proof
+        if self.queue != self.s.bulk_queue:
+            self.lane = self.queue
+            self.lease = Lease(self.client, self.keys.guard_name(self.lane), keys=self.keys)
+            self._check_one_at_a_time()
+        self._connect()
+        self.epoch = EpochWatch(self.client, self.keys, who=self.label)
+        self._redis(self.epoch.check, "the worker's start")
+        self._redis(lambda: register_queue(self.client, self.keys, self.queue,
+                                           kind="lane" if self.lane else "bulk"), "the worker's start")
+        # Every worker shows it is alive; the reaper requeues tasks of workers that are not.
+        self._redis(lambda: self.presence.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label),
+                    "the worker's start")
+        if self.lane is None:
+            self._start_heartbeat()
+            log.info("onelane: worker %s… present on the bulk queue %r", self.token[:8], self.queue)
+            return
+        self._take_guard()
+        self.held = True
+        self._start_heartbeat()
+        log.info("onelane: holding the guard of lane %r (token %s…, ttl %d ms, renewed every %d ms)",
+                 self.lane, self.token[:8], self.s.guard_ttl_ms, self.s.renew_every_ms)
+        report = self._redis(lambda: wait_and_requeue_orphans(
+            self.client, self.keys, queue=self.lane, owner=self.token, since_ms=self.since_ms,
+            margin_ms=self.s.guard_ttl_ms, should_stop=self._stopping,
+        ), "the recovery of orphans before consuming")
+        if report.requeued:
+            log.warning("onelane: requeued %d orphaned callout(s) at the head of %r before consuming: %s",
+                        len(report.requeued), self.lane, ", ".join(report.requeued))
+
+    def _connect(self) -> None:
+        """Wait (bounded) for Redis; refuse at once what waiting cannot cure."""
+        url = redact_url(self.s.redis_url)
         try:
             self._wait_for_redis(timeout_s=30.0)
+            problem = version_problem(str(self.client.info("server").get("redis_version", "")))
         except redis.AuthenticationError as exc:
-            raise OnelaneError(
-                f"onelane: Redis at {redact_url(self.s.redis_url)} refused the password ({exc}); "
-                "check the password in REDIS_URL (redis://:password@host:6379/0)") from None
+            raise OnelaneError(f"onelane: Redis at {url} refused the password ({exc}); "
+                               "check the password in REDIS_URL (redis://:password@host:6379/0)") from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise OnelaneError(
-                f"onelane: cannot reach Redis at {redact_url(self.s.redis_url)} ({exc}); {connect_hint(exc)}"
-            ) from None
-        problem = version_problem(str(self.client.info("server").get("redis_version", "")))
+            raise OnelaneError(f"onelane: cannot reach Redis at {url} ({exc}); {connect_hint(exc)}") from None
+        except redis.RedisError as exc:
+            if is_not_redis(exc):
+                raise OnelaneError(f"onelane: {not_redis_message(self.s.redis_url, exc)}") from None
+            raise
         if problem:
             raise OnelaneError(f"onelane: {problem}")
+        eviction = eviction_problem(self.client.info("memory"))
+        if eviction and not self.s.allow_eviction:
+            raise OnelaneError(f"onelane: {eviction}")
+        if eviction:
+            log.warning("onelane: %s (starting anyway: ONELANE_ALLOW_EVICTION=1)", eviction)
         warning = exposure_warning(self.client, self.s.redis_url)
         if warning:
             log.warning("onelane: %s", warning)
-        # Every worker shows it is alive; the reaper requeues tasks of workers that are not.
-        self.presence.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label)
-        if not self.serial:
-            self._start_heartbeat()
-            log.info("onelane: worker %s… present (no guard: it does not consume %r)", self.token[:8],
-                     self.s.queue)
+
+    def _redis(self, fn, what: str):
+        """Run a start-up step, waiting out a Redis that refuses for a while (or is away)."""
+        return ride_out(fn, what=what, log=log, should_stop=self._stopping)
+
+    def _take_guard(self) -> None:
+        got = self._redis(self._take, "the worker's start")
+        if isinstance(got, Grant):
             return
-        got = self._take()
-        if not isinstance(got, Grant):
-            holder = got
-            if not self.s.standby:
-                raise GuardHeld(
-                    f"onelane: {holder.describe()} holds the guard of queue {self.s.queue!r}; this worker "
-                    f"will not consume it. Stop that worker, or start this one as a hot standby with "
-                    f"ONELANE_STANDBY=1"
-                )
-            log.warning("onelane: standby: %s holds the guard of %r; waiting to take over",
-                        holder.describe(), self.s.queue)
-            while not isinstance(got, Grant):
-                self._announce_standby()
-                if self._stopping():
-                    self._withdraw_standby()
-                    raise SystemExit(0)
-                # blocks on the release signal, or until the holder's expiry is due
-                try:
-                    got = self.lease.acquire(self.token, ttl_ms=self.s.guard_ttl_ms, wait_ms=1000,
-                                             label=self.label, since_ms=self.since_ms,
-                                             should_stop=self._stopping)
-                except Exception:
-                    got = self._take()
-            self._withdraw_standby()
-            log.warning("onelane: standby took over the guard of %r", self.s.queue)
-        self.held = True
-        self._start_heartbeat()
-        log.info("onelane: holding the guard of %r (token %s…, ttl %d ms, renewed every %d ms)",
-                 self.s.queue, self.token[:8], self.s.guard_ttl_ms, self.s.renew_every_ms)
-        report = wait_and_requeue_orphans(
-            self.client, self.keys, queue=self.s.queue, owner=self.token, since_ms=self.since_ms,
-            margin_ms=self.s.guard_ttl_ms, should_stop=self._stopping,
-        )
-        if report.requeued:
-            log.warning("onelane: requeued %d orphaned callout(s) at the head of %r before consuming: %s",
-                        len(report.requeued), self.s.queue, ", ".join(report.requeued))
+        if not self.s.standby:
+            raise GuardHeld(
+                f"onelane: {got.describe()} holds the guard of lane {self.lane!r}; this worker will not "
+                f"consume it. Stop that worker, or start this one as a hot standby with ONELANE_STANDBY=1")
+        log.warning("onelane: standby: %s holds the guard of %r; waiting to take over", got.describe(), self.lane)
+        while not isinstance(got, Grant):
+            self._announce_standby()
+            if self._stopping():
+                self._withdraw_standby()
+                raise SystemExit(0)
+            # blocks on the release signal, or until the holder's expiry is due
+            try:
+                got = self.lease.acquire(self.token, ttl_ms=self.s.guard_ttl_ms, wait_ms=1000, label=self.label,
+                                         since_ms=self.since_ms, should_stop=self._stopping)
+            except Exception:
+                got = self._redis(self._take, "the standby")
+        self._withdraw_standby()
+        log.warning("onelane: standby took over the guard of %r", self.lane)
 
     def _wait_for_redis(self, *, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for an unreachable Redis, and as long as it takes for one that is
+        loading its data (a restart with a large AOF answers LOADING until it is done)."""
         give_up = time.monotonic() + timeout_s
+        said_loading = False
         while True:
             try:
-                self.client.ping()
+                # a data command: PING and INFO answer even while Redis is still loading
+                self.client.exists(self.keys.epoch)
                 return
             except redis.AuthenticationError:
                 raise
+            except redis.BusyLoadingError:
+                if self._stopping():
+                    raise
+                if not said_loading:
+                    log.warning("onelane: Redis at %s is loading its data; waiting for it before consuming",
+                                redact_url(self.s.redis_url))
+                    said_loading = True
+                time.sleep(0.5)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() > give_up or self._stopping() or is_tls_verify_failure(exc):
                     raise
@@ -166,13 +240,13 @@ class GuardService:
         info = {"label": self.label, "host": socket.gethostname(), "pid": os.getpid(),
                 "seen_ms": int(time.time() * 1000)}
         try:
-            self.client.hset(self.keys.standbys(self.s.queue), self.token, json.dumps(info))
+            self.client.hset(self.keys.standbys(self.lane), self.token, json.dumps(info))
         except redis.RedisError:
             pass
 
     def _withdraw_standby(self) -> None:
         try:
-            self.client.hdel(self.keys.standbys(self.s.queue), self.token)
+            self.client.hdel(self.keys.standbys(self.lane), self.token)
         except redis.RedisError:
             pass
 
@@ -180,29 +254,31 @@ class GuardService:
         got = self.lease.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label,
                                      since_ms=self.since_ms)
         if not isinstance(got, Grant) and got.is_local_and_dead():
-            log.warning("onelane: the guard holder pid %s on this host is gone; taking its guard now",
-                        got.pid)
+            log.warning("onelane: the guard holder pid %s on this host is gone; taking its guard now", got.pid)
             got = self.lease.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label,
                                          since_ms=self.since_ms, steal=got.token)
         return got
 
-    def _check_configuration(self) -> None:
-        conc = getattr(self.worker, "concurrency", 1)
-        prefetch = getattr(self.worker, "prefetch_multiplier", self.worker.app.conf.worker_prefetch_multiplier)
+    def _check_one_at_a_time(self) -> None:
+        w = self.worker
+        conc = getattr(w, "concurrency", 1)
+        prefetch = getattr(w, "prefetch_multiplier", w.app.conf.worker_prefetch_multiplier)
+        autoscale = getattr(w, "autoscale", None)
         problems = []
-        if conc != 1:
+        if autoscale:
+            problems.append(f"autoscale is {','.join(map(str, autoscale))} (--autoscale)")
+        elif conc != 1:
             problems.append(f"concurrency is {conc} (-c/--concurrency)")
         if prefetch != 1:
             problems.append(f"prefetch multiplier is {prefetch} (--prefetch-multiplier)")
-        if not self.worker.app.conf.task_acks_late:
+        if not w.app.conf.task_acks_late:
             problems.append("task_acks_late is off")
         if problems:
             raise WorkerMisconfigured(
-                f"onelane: queue {self.s.queue!r} must be consumed one message at a time, but "
+                f"onelane: lane {self.lane!r} must be consumed one message at a time, but "
                 + " and ".join(problems)
-                + f". Start it as `celery -A tasks worker -Q {self.s.queue}` without those options; "
-                "run other queues in another worker"
-            )
+                + f". Start it as `celery -A tasks worker -Q {self.lane}` without those options; "
+                "run other queues in another worker")
 
     def _stopping(self) -> bool:
         return self._stop.is_set() or bool(worker_state.should_stop) or bool(worker_state.should_terminate)
@@ -213,35 +289,45 @@ class GuardService:
         self._thread.start()
 
     def _beat(self) -> None:
+        """The heartbeat: every 0.25 s due retries and prioritised messages to the queue; every third
+        of the guard TTL the presence and guard renewed and Redis's epoch checked. A Redis that is
+        away or refuses (out of memory, loading, busy, read-only) is waited out, never fatal."""
         every = self.s.renew_every_ms / 1000
         failing_since = None
         next_renew = time.monotonic() + every
         while not self._stop.wait(PROMOTE_EVERY_S):
             try:
-                # relaxed-order retries that are due go back to the tail of the queue
-                promote_due(self.client, self.keys, self.s.queue)
-                if time.monotonic() < next_renew:
+                # relaxed-order retries that are due, and messages published with a priority,
+                # go to the tail of the queue
+                promote_due(self.client, self.keys, self.queue)
+                absorb_priorities(self.client, self.keys, self.queue)
+                if time.monotonic() < next_renew and failing_since is None:
                     continue
                 next_renew = time.monotonic() + every
+                self.epoch.check()
                 self._renew_presence()
-                if not self.serial:
-                    continue
-                self.lease.renew(self.token, ttl_ms=self.s.guard_ttl_ms)
+                if self.lane is not None:
+                    self.lease.renew(self.token, ttl_ms=self.s.guard_ttl_ms)
                 if failing_since is not None:
-                    log.warning("onelane: Redis is back; guard of %r renewed", self.s.queue)
+                    log.warning("onelane: Redis answers again after %.1f s; guard of %r renewed",
+                                time.monotonic() - failing_since, self.queue)
                 failing_since = None
             except LeaseNotHeld:
-                got = self._take_back()
+                try:
+                    got = self._take_back()
+                except redis.RedisError:
+                    continue  # Redis away again: the next beat tries once more
                 if not isinstance(got, Grant):
                     log.critical("onelane: the guard of %r is now held by %s; stopping this worker so the "
-                                 "queue keeps one consumer", self.s.queue, got.describe())
+                                 "lane keeps one consumer", self.lane, got.describe())
                     self.held = False
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
+                reason = transient_reason(exc) or f"unexpected Redis error {type(exc).__name__}: {exc}"
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("onelane: cannot renew the guard of %r (%s); retrying", self.s.queue, exc)
+                    log.warning("onelane: cannot renew the guard of %r: %s; retrying", self.queue, reason)
 
     def _renew_presence(self) -> None:
         try:
@@ -253,33 +339,57 @@ class GuardService:
         got = self.lease.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label,
                                      since_ms=self.since_ms)
         if isinstance(got, Grant):
-            log.warning("onelane: the guard of %r had expired (Redis unreachable or restarted); "
-                        "took it back", self.s.queue)
+            log.warning("onelane: the guard of %r had expired (Redis unreachable or restarted); took it back",
+                        self.lane)
         return got
 
     # -- stop ----------------------------------------------------------------------
     def stop(self) -> None:
+        """Warm shutdown: keep the guard, renewed, until the pool has finished and acknowledged
+        the callout in flight; release it then (Celery's worker_shutdown signal, sent after the
+        pool has stopped). A standby never takes over a lane whose last message is still open."""
+        if self.held and not self._terminating:
+            busy = [r.id for r in list(worker_state.active_requests)]
+            if busy:
+                log.warning("onelane: warm shutdown: keeping the guard of %r until %s is finished and "
+                            "acknowledged", self.lane, ", ".join(busy))
+            signals.worker_shutdown.connect(self._after_pool_stopped, weak=False)
+            return
+        self._finish()
+
+    def terminate(self) -> None:
+        """Cold shutdown: release at once (a killed attempt's lease still runs to its deadline)."""
+        self._terminating = True
+        self._finish()
+
+    def _after_pool_stopped(self, sender=None, **_) -> None:
+        signals.worker_shutdown.disconnect(self._after_pool_stopped)
+        self._finish()
+
+    def _finish(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        self._leave()
+
+    def _leave(self) -> None:
+        """Withdraw presence and release the guard if held (Redis away: both expire by themselves)."""
         try:
             self.presence.release(self.token)
-        except Exception:  # Redis gone: it expires by itself
+        except Exception:
             pass
         if self.held:
             try:
                 self.lease.release(self.token)
-                log.info("onelane: released the guard of %r", self.s.queue)
-            except Exception as exc:  # Redis gone: the guard expires by itself within its TTL
+                log.info("onelane: released the guard of %r", self.lane)
+            except Exception as exc:
                 log.warning("onelane: could not release the guard of %r (%s); it expires within %d ms",
-                            self.s.queue, exc, self.s.guard_ttl_ms)
+                            self.lane, exc, self.s.guard_ttl_ms)
             self.held = False
-
-    terminate = stop
 
 
 def _note_received(sender=None, request=None, **_):
-    """Record which worker received a message of a many-consumer queue (for the reaper)."""
+    """Record which worker received a message of the bulk queue, many consumers (for the reaper)."""
     s = get_settings()
     info = getattr(request, "delivery_info", None) or {}
     if info.get("routing_key") != s.bulk_queue:
@@ -297,14 +407,14 @@ signals.task_received.connect(_note_received, weak=False)
 
 
 class WorkerGuard(bootsteps.StartStopStep):
-    """Bootstep: show this worker's presence and, for the serial queue, take its guard first."""
+    """Bootstep: register the worker's queue, show its presence and, on a lane, take its guard first."""
 
     label = "onelane guard"
     # The Consumer step is the worker blueprint's last, so this starts before any message is fetched.
     requires = ("celery.worker.components:Pool",)
 
     def include_if(self, worker) -> bool:
-        return True  # every worker shows its presence; only serial consumers take the guard
+        return True
 
     def create(self, worker):
         return GuardService(worker, get_settings())

@@ -1,7 +1,8 @@
 """The reaper: clears zombie leases and requeues orphaned callouts at the head of their queue.
 
-Safe to run twice at once (two beats, or beat and ``onelane reap``): every change
-is a compare-and-set script. It reads only Redis and never waits behind a callout.
+It covers every lane and bulk queue a worker has registered (and the default lane), with
+nothing to configure. Safe to run twice at once (two beats, or beat and ``onelane reap``):
+every change is a compare-and-set script. It reads only Redis and never waits behind a callout.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from onelane.coordination.lease import Lease
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text
-from onelane.delivery.flow import promote_due
+from onelane.delivery import registry
+from onelane.delivery.flow import absorb_priorities, promote_due
 from onelane.delivery.recovery import RecoveryReport, presence_alive, requeue_orphans, requeue_reserved_orphans
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 class ReapReport(RecoveryReport):
     zombie_leases: list[str] = field(default_factory=list)
     promoted: int = 0
+    queues: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.zombie_leases or self.requeued or self.dropped_records or self.promoted)
@@ -30,26 +33,36 @@ class ReapReport(RecoveryReport):
         return (f"{len(self.zombie_leases)} zombie lease(s) cleared, {len(self.requeued)} orphan(s) requeued "
                 f"at the head, {len(self.dropped_records)} stale record(s) dropped, "
                 f"{len(self.waiting)} orphan(s) waiting for their deadline, "
-                f"{self.promoted} delayed retr{'y' if self.promoted == 1 else 'ies'} moved to the queue")
+                f"{self.promoted} delayed or prioritised message(s) moved to their queue")
 
 
-def reap(client, keys: Keys, *, queue: str, margin_ms: int, now_ms: int | None = None,
-         bulk_queue: str | None = None) -> ReapReport:
-    """One reaper pass over the leases and the queue's orphans."""
+def reap(client, keys: Keys, *, lanes: list[str], bulk_queues: list[str], margin_ms: int,
+         now_ms: int | None = None) -> ReapReport:
+    """One reaper pass: zombie leases, then each lane's orphans, then each bulk queue's."""
     now_ms = redis_now_ms(client) if now_ms is None else now_ms
-    report = ReapReport()
+    report = ReapReport(queues=[*lanes, *bulk_queues])
     for name in client.zrangebyscore(keys.lease_index, "-inf", now_ms):
         name = text(name)
         if Lease(client, name, keys=keys).reap(now_ms=now_ms):
             report.zombie_leases.append(name)
             log.warning("onelane: reaper cleared zombie lease %r (deadline passed, never released)", name)
-    rec = requeue_orphans(client, keys, queue=queue, margin_ms=margin_ms, now_ms=now_ms)
-    report.add(rec)
-    report.promoted = promote_due(client, keys, queue)
-    if bulk_queue:
+    for lane in lanes:
+        report.add(requeue_orphans(client, keys, queue=lane, margin_ms=margin_ms, now_ms=now_ms))
+        report.promoted += promote_due(client, keys, lane) + absorb_priorities(client, keys, lane)
+    alive = presence_alive(client, keys)
+    for bulk in bulk_queues:
         # many consumers: an orphan is a record whose worker no longer renews its presence
-        bulk = requeue_reserved_orphans(client, keys, queue=bulk_queue, now_ms=now_ms, margin_ms=margin_ms,
-                                        owner_alive=presence_alive(client, keys))
-        report.add(bulk)
-        report.promoted += promote_due(client, keys, bulk_queue)
+        report.add(requeue_reserved_orphans(client, keys, queue=bulk, now_ms=now_ms, margin_ms=margin_ms,
+                                            owner_alive=alive))
+        report.promoted += promote_due(client, keys, bulk) + absorb_priorities(client, keys, bulk)
     return report
+
+
+def reap_everything(client, keys: Keys, settings, *, only: str | None = None) -> ReapReport:
+    """One pass over every lane and bulk queue (or ``only`` that one), with the settings' margins."""
+    lanes = registry.lanes(client, keys, default_lane=settings.queue, bulk_queue=settings.bulk_queue)
+    bulks = registry.bulk_queues(client, keys, bulk_queue=settings.bulk_queue)
+    if only is not None:
+        is_bulk = only == settings.bulk_queue or only in bulks
+        lanes, bulks = ([], [only]) if is_bulk else ([only], [])
+    return reap(client, keys, lanes=lanes, bulk_queues=bulks, margin_ms=settings.guard_ttl_ms)

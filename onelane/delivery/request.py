@@ -36,6 +36,14 @@ class HeadRequeueRequest(Request):
         except Exception:  # malformed arguments: the task itself reports them
             self._kwargsrepr = "<unreadable arguments>"
 
+    def send_event(self, type, **fields):
+        """Events as Celery sends them; task-started also names the lane (Flower shows it)."""
+        if type == "task-started":
+            info = self.delivery_info or {}
+            fields.setdefault("routing_key", info.get("routing_key"))
+            fields.setdefault("exchange", info.get("exchange"))
+        return super().send_event(type, **fields)
+
     def reject(self, requeue=False):
         if not requeue or self.acknowledged:
             return super().reject(requeue=requeue)

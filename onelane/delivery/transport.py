@@ -12,9 +12,11 @@ to the head of the queue when it (re)connects; the reaper gives back the fetch l
 worker that is gone (:func:`onelane.delivery.fetching.return_fetched`). A worker whose fetch
 was given back while it was cut off from Redis does not deliver it (the claim fails).
 
-It applies to a worker consuming one of onelane's queues (serial or bulk) alone; anything
-else — Celery's reply queues, a consumer of several queues — keeps kombu's fetch unchanged.
-Messages are published and consumed at priority 0 only (one list per queue).
+It applies to an onelane worker, which consumes exactly one queue (a lane or the bulk
+queue; the guard refuses more); any other consumer keeps kombu's fetch unchanged. The
+fetch reads the queue's own list only (BLMOVE takes from one list): a message a plain
+producer published with a priority lands in kombu's sub-list for that level, and the
+worker's heartbeat moves it to the queue (:func:`onelane.delivery.flow.absorb_priorities`).
 
 It overrides two internal methods of kombu's Redis channel (``_brpop_start`` and
 ``_brpop_read``), so pyproject.toml requires the kombu line the test suite runs on.
@@ -33,7 +35,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from onelane.core.keys import Keys
-from onelane.core.settings import WORKER_ID_ENV, get_settings
+from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
 from onelane.delivery.fetching import claim, give_back
 
 log = logging.getLogger(__name__)
@@ -58,13 +60,13 @@ class Channel(kombu_redis.Channel):
     _claim_client = None
 
     def _fetch_list_for(self, queues) -> tuple[str, str] | None:
+        """(queue, fetch list) when this is an onelane worker consuming its one queue; else None."""
         token = os.environ.get(WORKER_ID_ENV)
         if not token or len(queues) != 1 or self.global_keyprefix or len(self.priority_steps) != 1:
             return None
-        s = get_settings()
-        if queues[0] not in (s.queue, s.bulk_queue):  # e.g. Celery's own reply queues
+        if queues[0] != os.environ.get(WORKER_QUEUE_ENV):  # e.g. Celery's own reply queues
             return None
-        return queues[0], Keys(s.key_prefix).fetch_list(queues[0], token)
+        return queues[0], Keys(get_settings().key_prefix).fetch_list(queues[0], token)
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))

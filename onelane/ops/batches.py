@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from onelane.callout.ledger import Ledger
+from onelane.callout.ledger import Ledger, count_batch_outcome
+from onelane.callout.validation import validate_lane
 from onelane.core.clients import client_for
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
@@ -35,6 +36,8 @@ class BatchStatus:
     complete: bool  # every record has been published
     started_ms: int
     now_ms: int
+    #: when the last outcome was counted (ms, Redis clock); 0 before the first
+    last_ms: int = 0
 
     @property
     def finished(self) -> int:
@@ -46,7 +49,9 @@ class BatchStatus:
 
     @property
     def rate_per_s(self) -> float:
-        elapsed = max(0.001, (self.now_ms - self.started_ms) / 1000)
+        """Outcomes per second: up to now while it runs, up to its last outcome once it is over."""
+        end_ms = self.last_ms if self.over and self.last_ms else self.now_ms
+        elapsed = max(0.001, (end_ms - self.started_ms) / 1000)
         return self.finished / elapsed
 
     @property
@@ -66,11 +71,12 @@ class BatchStatus:
         return d
 
 
-def submit_many(records: Iterable[Mapping], *, batch: str = "batch", queue: str | None = None,
-                chunk: int = 500) -> str:
+def submit_many(records: Iterable[Mapping], *, batch: str = "batch", lane: str | None = None,
+                queue: str | None = None, chunk: int = 500) -> str:
     """Publish one callout per record (keyword arguments of ``tasks.callout``); return the batch id.
 
-    Records are read one at a time. A record that cannot even be encoded as JSON is
+    They go to ``lane`` (``queue`` is the same thing, its older name), by default the bulk
+    queue. Records are read one at a time. A record that cannot even be encoded as JSON is
     dead-lettered at once and counted as failed; every other record is published and
     checked by the worker, so a bad one fails alone.
     """
@@ -79,7 +85,9 @@ def submit_many(records: Iterable[Mapping], *, batch: str = "batch", queue: str 
     s = get_settings()
     client = client_for(s)
     keys = Keys(s.key_prefix)
-    q = queue or s.bulk_queue
+    if lane and queue and lane != queue:
+        raise ValueError(f"submit_many: lane={lane!r} and queue={queue!r} disagree; give one")
+    q = validate_lane(lane or queue) if (lane or queue) else s.bulk_queue
     batch_id = f"{batch}-{uuid.uuid4().hex[:12]}"
     started_ms = redis_now_ms(client)
     key = keys.batch(batch_id)
@@ -118,7 +126,8 @@ def _reject(ledger, client, keys, batch_id, queue, record, exc) -> None:
              "batch": batch_id}
     ledger.record_failure(task_id=task_id, queue=queue, error=reason, dead_letter=entry,
                           now_ms=redis_now_ms(client))
-    client.hincrby(keys.batch(batch_id), "failed", 1)
+    count_batch_outcome(client, keys, batch_id, "failed", now_ms=redis_now_ms(client))
+
 
 
 def batch_status(client, keys: Keys, batch_id: str) -> BatchStatus | None:
@@ -128,4 +137,4 @@ def batch_status(client, keys: Keys, batch_id: str) -> BatchStatus | None:
     h = text_map(h)
     return BatchStatus(batch_id, h.get("name", ""), h.get("queue", ""), *(int(h.get(f, 0)) for f in FIELDS),
                        complete=h.get("complete") == "1", started_ms=int(h.get("started_ms", 0)),
-                       now_ms=redis_now_ms(client))
+                       now_ms=redis_now_ms(client), last_ms=int(h.get("last_ms") or 0))

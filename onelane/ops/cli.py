@@ -1,9 +1,12 @@
-"""The ``onelane`` command: dead letters, pause/resume, status and the reaper.
+"""The ``onelane`` command: status of every lane, dead letters, pause/resume, the reaper, batches.
 
-Every command reads the same settings as the worker (REDIS_URL, ONELANE_QUEUE, ...).
+Every command reads the same settings as the worker (REDIS_URL, ONELANE_QUEUE, ...). A
+command about one lane takes it as an argument or as ``-q/--lane``; without one it means
+the default lane (ONELANE_QUEUE) — or, for ``status`` and ``reap``, every lane.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -13,12 +16,19 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from onelane.core.clients import client_for, connect_hint, redact_url
+from onelane.core.clients import (
+    client_for,
+    connect_hint,
+    is_not_redis,
+    not_redis_message,
+    redact_url,
+    refusal_reason,
+)
 from onelane.core.errors import ConfigError
 from onelane.core.keys import Keys
 from onelane.core.settings import get_settings
 from onelane.core.text import text
-from onelane.delivery import flow
+from onelane.delivery import flow, registry
 
 console = Console()
 
@@ -32,13 +42,27 @@ class _Env:
         self.keys = Keys(self.s.key_prefix)
         self.client = client_for(self.s)
 
-    def queue(self, queue: str | None) -> str:
-        return queue or self.s.queue
+    def lane(self, *given: str | None) -> str:
+        """The lane named by the argument or the option (they must agree), else the default lane."""
+        named = {g for g in given if g}
+        if len(named) > 1:
+            raise click.UsageError(f"two different lanes given: {', '.join(sorted(named))}")
+        return named.pop() if named else self.s.queue
+
+    def known(self, lane: str) -> bool:
+        return registry.is_known(self.client, self.keys, lane, default_lane=self.s.queue,
+                                 bulk_queue=self.s.bulk_queue)
+
+    def unknown_note(self, lane: str) -> str | None:
+        if self.known(lane):
+            return None
+        lanes = registry.lanes(self.client, self.keys, default_lane=self.s.queue, bulk_queue=self.s.bulk_queue)
+        return (f"no worker has ever consumed a lane {lane!r} (known lanes: {', '.join(lanes)}); "
+                f"start one with `celery -A tasks worker -Q {lane}`")
 
 
 def _redis_errors(fn):
-    import functools
-
+    """Turn an unreachable or wrong Redis into one line saying what to check."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
@@ -46,7 +70,20 @@ def _redis_errors(fn):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             url = redact_url(get_settings().redis_url)
             raise click.ClickException(f"cannot reach Redis at {url} ({exc}); {connect_hint(exc)}") from None
+        except redis.RedisError as exc:
+            if is_not_redis(exc):
+                raise click.ClickException(not_redis_message(get_settings().redis_url, exc)) from None
+            reason = refusal_reason(exc)
+            if reason:
+                raise click.ClickException(f"{reason} ({exc}); nothing was changed — try again once it "
+                                           "answers (see `onelane status`)") from None
+            raise
     return wrapper
+
+
+def lane_option(fn):
+    return click.option("--lane", "--queue", "-q", "lane_opt", default=None, metavar="LANE",
+                        help="the lane (default ONELANE_QUEUE)")(fn)
 
 
 @click.group(help="onelane: one-at-a-time callouts to fragile APIs. Settings come from the environment.")
@@ -55,7 +92,7 @@ def main():
 
 
 # -- dead letters ---------------------------------------------------------------------------
-@main.group(help="Dead letters: callouts that failed for good.")
+@main.group(help="Dead letters: callouts that failed for good, per lane.")
 def dlq():
     pass
 
@@ -66,52 +103,83 @@ def _entries(env: _Env, queue: str) -> list[dict]:
     return Ledger(env.client, env.keys, window_s=env.s.dedupe_window_s).dead_letters(queue)
 
 
-@dlq.command("list", help="List dead letters, oldest first.")
-@click.option("--queue", "-q", default=None, help="queue (default ONELANE_QUEUE)")
+def _when(ts) -> str:
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(ts or 0))
+
+
+@dlq.command("list", help="List the dead letters of a lane, oldest first.")
+@click.argument("lane", required=False)
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @_redis_errors
-def dlq_list(queue, as_json):
+def dlq_list(lane, lane_opt, as_json):
     env = _Env()
-    entries = _entries(env, env.queue(queue))
+    q = env.lane(lane, lane_opt)
+    entries = _entries(env, q)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
     if not entries:
-        console.print(f"no dead letters in {env.queue(queue)!r}")
+        console.print(f"no dead letters in {q!r}")
         return
-    t = Table(title=f"dead letters of {env.queue(queue)!r} ({len(entries)})")
-    for col in ("id", "when", "kind", "attempts", "request", "reason"):
-        t.add_column(col, overflow="fold")
+    wide = console.width >= 120
+    t = Table(title=f"dead letters of {q!r} ({len(entries)})", expand=False)
+    t.add_column("id", no_wrap=True, overflow="ellipsis", max_width=36 if wide else 14)
+    if wide:
+        t.add_column("when", no_wrap=True)
+    t.add_column("kind", no_wrap=True)
+    t.add_column("att.", justify="right", no_wrap=True)
+    if wide:
+        t.add_column("request", overflow="ellipsis", no_wrap=True, max_width=50)
+    t.add_column("reason", overflow="ellipsis", no_wrap=True, ratio=1)
     for e in entries:
         req = e.get("request", {})
-        t.add_row(e["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("dead_lettered_at", 0))),
-                  e.get("kind", ""), str(len(e.get("attempts", []))),
-                  f"{req.get('method', 'POST')} {req.get('url', '?')}", e.get("reason", "")[:200])
+        row = [e["id"]] + ([_when(e.get("dead_lettered_at"))] if wide else []) + [
+            e.get("kind", ""), str(len(e.get("attempts", [])))]
+        if wide:
+            row.append(f"{req.get('method', 'POST')} {req.get('url', '?')}")
+        row.append(" ".join(str(e.get("reason", "")).split())[:300])
+        t.add_row(*row)
     console.print(t)
+    if not wide:
+        console.print("(ids shortened; `onelane dlq list --json` or a wider terminal shows them whole)")
 
 
 @dlq.command("show", help="Show one dead letter in full.")
 @click.argument("entry_id")
-@click.option("--queue", "-q", default=None)
+@lane_option
 @_redis_errors
-def dlq_show(entry_id, queue):
+def dlq_show(entry_id, lane_opt):
     env = _Env()
-    raw = env.client.hget(env.keys.dead_letters(env.queue(queue)), entry_id)
+    q = env.lane(lane_opt)
+    raw = env.client.hget(env.keys.dead_letters(q), entry_id)
     if raw is None:
-        raise click.ClickException(f"no dead letter {entry_id!r} in {env.queue(queue)!r}; see `onelane dlq list`")
+        raise click.ClickException(f"no dead letter {entry_id!r} in {q!r}; see `onelane dlq list {q}`")
     click.echo(json.dumps(json.loads(raw), indent=2))
 
 
-@dlq.command("replay", help="Publish dead letters again, with the same idempotency key.")
+@dlq.command("replay", help="Publish dead letters again, with the same idempotency key. A header masked "
+                            "when stored comes from the worker's credentials file or from --header; "
+                            "otherwise that entry is refused.")
 @click.argument("entry_ids", nargs=-1)
-@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter of the queue")
-@click.option("--queue", "-q", default=None)
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter of the lane")
+@click.option("--header", "-H", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="a header to send with the replay (for one masked when stored); repeatable")
+@lane_option
 @_redis_errors
-def dlq_replay(entry_ids, replay_all, queue):
+def dlq_replay(entry_ids, replay_all, headers, lane_opt):
+    from onelane.callout import credentials
+    from onelane.celery_app import app
+    from onelane.ops.replay import parse_header_options, plan_replay
+
     env = _Env()
-    q = env.queue(queue)
+    q = env.lane(lane_opt)
     if not entry_ids and not replay_all:
         raise click.UsageError("name the dead letters to replay, or pass --all")
+    try:
+        supplied = parse_header_options(headers)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     entries = _entries(env, q)
     if not replay_all:
         wanted = set(entry_ids)
@@ -119,33 +187,40 @@ def dlq_replay(entry_ids, replay_all, queue):
         if missing:
             raise click.ClickException(f"no dead letter {', '.join(sorted(missing))} in {q!r}")
         entries = [e for e in entries if e["id"] in wanted]
-    from onelane.celery_app import app
-
-    replayed = 0
+    replayed, refused = 0, 0
     for e in entries:
-        if e.get("kind") == "invalid":
-            console.print(f"[yellow]skipped {e['id']}[/]: it was rejected as invalid input "
-                          f"({e.get('reason', '')}); fix it and submit it anew")
+        resource = (e.get("request") or {}).get("resource") or q
+        plan = plan_replay(e, queue=q, credentials=credentials.headers_for(env.s.credentials_file, resource),
+                           supplied=supplied)
+        if plan.kwargs is None:
+            refused += 1
+            console.print(f"[yellow]not replayed {e['id']}[/]: {plan.refused}")
             continue
-        kwargs = dict(e["request"])
-        kwargs.setdefault("idempotency_key", e["task_id"])
-        result = app.send_task("tasks.callout", kwargs=kwargs, queue=q)
+        from onelane.core.redaction import redact_kwargs
+
+        shown = repr(redact_kwargs(plan.kwargs, env.s.redact_headers))
+        result = app.send_task("tasks.callout", kwargs=plan.kwargs, queue=q, kwargsrepr=shown)
         pipe = env.client.pipeline(transaction=True)
         pipe.hdel(env.keys.dead_letters(q), e["id"])
         pipe.zrem(env.keys.dead_letter_index(q), e["id"])
         pipe.execute()
         replayed += 1
-        console.print(f"replayed {e['id']} as task {result.id} (idempotency key {kwargs['idempotency_key']})")
-    console.print(f"{replayed} dead letter(s) replayed to {q!r}")
+        note = f"; {', '.join(plan.from_credentials)} from the credentials file" if plan.from_credentials else ""
+        console.print(f"replayed {e['id']} as task {result.id} (idempotency key "
+                      f"{plan.kwargs['idempotency_key']}){note}")
+    console.print(f"{replayed} dead letter(s) replayed to {q!r}" + (f", {refused} not replayed" if refused else ""))
+    if refused:
+        sys.exit(1)
 
 
-@dlq.command("purge", help="Delete every dead letter of the queue.")
-@click.option("--queue", "-q", default=None)
+@dlq.command("purge", help="Delete every dead letter of a lane.")
+@click.argument("lane", required=False)
+@lane_option
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @_redis_errors
-def dlq_purge(queue, yes):
+def dlq_purge(lane, lane_opt, yes):
     env = _Env()
-    q = env.queue(queue)
+    q = env.lane(lane, lane_opt)
     n = env.client.zcard(env.keys.dead_letter_index(q))
     if n == 0:
         console.print(f"no dead letters in {q!r}")
@@ -157,40 +232,45 @@ def dlq_purge(queue, yes):
 
 
 # -- the kill switch ---------------------------------------------------------------------------
-@main.command(help="Stop new callouts from starting; the one in flight finishes, nothing is lost.")
-@click.argument("queue", required=False)
+@main.command(help="Stop new callouts of a lane from starting; the one in flight finishes, nothing is lost.")
+@click.argument("lane", required=False)
+@lane_option
 @_redis_errors
-def pause(queue):
+def pause(lane, lane_opt):
     env = _Env()
-    q = env.queue(queue)
+    q = env.lane(lane, lane_opt)
+    note = env.unknown_note(q)
+    if note:
+        console.print(f"[yellow]warning[/]: {note}; pausing it anyway")
     flow.pause(env.client, env.keys, q)
     console.print(f"paused {q!r}: no new callout starts until `onelane resume {q}` (survives worker restarts)")
 
 
-@main.command(help="Let a paused queue run again, in order.")
-@click.argument("queue", required=False)
+@main.command(help="Let a paused lane run again, in order.")
+@click.argument("lane", required=False)
+@lane_option
 @_redis_errors
-def resume(queue):
+def resume(lane, lane_opt):
     env = _Env()
-    q = env.queue(queue)
+    q = env.lane(lane, lane_opt)
     was = flow.resume(env.client, env.keys, q)
     console.print(f"resumed {q!r}" if was else f"{q!r} was not paused")
 
 
 # -- the reaper ----------------------------------------------------------------------------------
-@main.command(help="Run the reaper once and say what it did.")
-@click.argument("queue", required=False)
+@main.command(help="Run the reaper once over every lane (or one) and say what it did.")
+@click.argument("lane", required=False)
+@lane_option
 @_redis_errors
-def reap(queue):
-    from onelane.delivery.reaper import reap as reap_once
+def reap(lane, lane_opt):
+    from onelane.delivery.reaper import reap_everything
 
     env = _Env()
-    q = env.queue(queue)
-    # the bulk queue has many consumers and rules of its own: it is reaped with the serial queue
-    serial_q = env.s.queue if q == env.s.bulk_queue else q
-    bulk_q = env.s.bulk_queue if serial_q == env.s.queue else None
-    report = reap_once(env.client, env.keys, queue=serial_q, margin_ms=env.s.guard_ttl_ms, bulk_queue=bulk_q)
-    where = " and ".join(repr(x) for x in (serial_q, bulk_q) if x)
+    only = lane or lane_opt
+    if lane and lane_opt and lane != lane_opt:
+        raise click.UsageError(f"two different lanes given: {lane}, {lane_opt}")
+    report = reap_everything(env.client, env.keys, env.s, only=only)
+    where = ", ".join(repr(x) for x in report.queues) or "no queue"
     console.print(f"reaper on {where}: {report.summary()}")
     for name in report.zombie_leases:
         console.print(f"  cleared zombie lease {name}")
@@ -199,33 +279,106 @@ def reap(queue):
 
 
 # -- status ----------------------------------------------------------------------------------------
-@main.command(help="What the queue is doing now.")
-@click.argument("queue", required=False)
+@main.command(help="Every lane at a glance, or one lane in detail.")
+@click.argument("lane", required=False)
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="print the stable JSON form")
 @_redis_errors
-def status(queue, as_json):
-    from onelane.ops.status import dumps, snapshot
+def status(lane, lane_opt, as_json):
+    from onelane.ops.status import dumps, overview, snapshot
 
     env = _Env()
-    snap = snapshot(env.client, env.keys, env.queue(queue), env.s.limits)
+    if not lane and not lane_opt:
+        data = overview(env.client, env.keys, env.s)
+        if as_json:
+            click.echo(dumps(data))
+        else:
+            console.print(render_overview(data))
+        return
+    q = env.lane(lane, lane_opt)
+    snap = snapshot(env.client, env.keys, q, env.s)
     if as_json:
         click.echo(dumps(snap))
         return
+    note = env.unknown_note(q)
+    if note:
+        console.print(f"[yellow]note[/]: {note}")
     console.print(render(snap))
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _holder(h) -> str:
+    return f"{h['label'].removeprefix('worker ')} (pid {h['pid']})" if h else "[yellow]none[/]"
+
+
+def render_overview(data):
+    from rich.console import Group
+
+    t = Table(title="lanes", expand=False)
+    for col, kw in (("lane", {"no_wrap": True}), ("depth", {"justify": "right"}),
+                    ("in flight", {"justify": "right"}), ("holder", {"overflow": "ellipsis", "max_width": 30}),
+                    ("stby", {"justify": "right"}), ("paused", {}), ("dlq", {"justify": "right"}),
+                    ("head waits", {"justify": "right"})):
+        t.add_column(col, **kw)
+    lines = data["lanes"] + data["bulk"]
+    with_outbox = any(line.get("outbox") for line in lines)  # the column only where a relay reports
+    if with_outbox:
+        t.add_column("outbox (oldest)", justify="right")
+    for line in lines:
+        name = line["name"] + (" (bulk)" if line["kind"] == "bulk" else "")
+        holder = _holder(line["holder"]) if line["kind"] == "lane" else "-"
+        row = [name, str(line["depth"]), str(line["in_flight"]), holder, str(line["standbys"]),
+               "[red]yes[/]" if line["paused"] else "no", str(line["dead_letters"]), _age(line["head_waiting_s"])]
+        if with_outbox:
+            o = line.get("outbox")
+            row.append("-" if o is None else f"{o['depth']} ({_age(o['oldest_age_s'])})")
+        t.add_row(*row)
+    parts = [t]
+    opened = [c for c in data["circuits"] if c["state"] != "closed"]
+    if opened:
+        parts.append("circuits not closed: " + ", ".join(f"{c['resource']} {c['state']}" for c in opened))
+    parts += _redis_lines(data["redis"])
+    return Group(*parts)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.1f} MB"
+
+
+def _redis_lines(r: dict) -> list[str]:
+    """Redis as onelane depends on it: its policy, memory, and any data loss noticed."""
+    cap = _mb(r["maxmemory"]) if r["maxmemory"] else "no limit"
+    policy = r["maxmemory_policy"] if r["eviction_safe"] else f"[red]{r['maxmemory_policy']} (may evict leases)[/]"
+    lines = [f"redis {r['version']}: memory {_mb(r['used_memory'])} / {cap}, maxmemory-policy {policy}"]
+    for loss in r["data_losses"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loss["detected_ms"] / 1000))
+        lines.append(f"[red]Redis lost its data[/]: noticed {when} by {loss['detected_by']} (queued and in-flight "
+                     "callouts, dedupe history, dead letters and results held then are gone)")
+    return lines
 
 
 def render(snap):
     from rich.console import Group
 
     head = Table.grid(padding=(0, 2))
-    head.add_row("queue", f"[bold]{snap.queue}[/]", "depth", str(snap.depth))
+    head.add_row("lane" if snap.kind == "lane" else "bulk queue", f"[bold]{snap.queue}[/]", "depth", str(snap.depth))
     head.add_row("paused", "[red]yes[/]" if snap.paused else "no", "delayed retries", str(snap.delayed))
     head.add_row("dead letters", str(snap.dead_letters), "completed 1m / 1h",
                  f"{snap.completed['last_minute']} / {snap.completed['last_hour']}")
     g = snap.guard
-    head.add_row("guard", f"{g['label']} on {g['host']} (pid {g['pid']}), renewed {g['renewed_ago_s']:.1f} s ago"
-                 if g else "[yellow]no worker holds it[/]", "failed 1m / 1h",
-                 f"{snap.failed['last_minute']} / {snap.failed['last_hour']}")
+    guard = (f"{g['label']} on {g['host']} (pid {g['pid']}), renewed {g['renewed_ago_s']:.1f} s ago" if g
+             else ("-" if snap.kind == "bulk" else "[yellow]no worker holds it[/]"))
+    head.add_row("guard", guard, "failed 1m / 1h", f"{snap.failed['last_minute']} / {snap.failed['last_hour']}")
+    head.add_row("head waits", _age(snap.head_waiting_s), "", "")
     for sb in snap.standbys:
         head.add_row("standby", f"{sb['label']} on {sb['host']} (pid {sb['pid']})", "", "")
     if snap.outbox is not None:  # the lane's transactional outbox, as its relay last reported it
@@ -234,7 +387,7 @@ def render(snap):
         relay = f" by {o['relay']['label']}" if o["relay"] else ""
         head.add_row("outbox", f"{o['depth']} waiting, oldest {age}", "outbox reported",
                      f"{o['reported_ago_s']:.1f} s ago{relay}")
-    parts = [head]
+    parts = [head, *_redis_lines(snap.redis)]
     if snap.in_flight:
         t = Table(title="in flight")
         for col in ("task id", "resource", "attempt", "elapsed s", "deadline in s", "fence"):
@@ -272,12 +425,22 @@ def render(snap):
     return Group(*parts)
 
 
-@main.command(help="A live view of the queue, refreshed every second; Ctrl-C to leave.")
-@click.argument("queue", required=False)
+def _watch_line(snap, done: int, left: int) -> str:
+    holder = snap.guard["label"] if snap.guard else ("-" if snap.kind == "bulk" else "no worker")
+    state = "paused" if snap.paused else ("idle" if left == 0 else "working")
+    return (f"{time.strftime('%H:%M:%S')} {snap.queue}: {state}, depth {snap.depth}, in flight "
+            f"{len(snap.in_flight)}, delayed {snap.delayed}, done {done}, dead letters {snap.dead_letters}, "
+            f"holder {holder}")
+
+
+@main.command(help="A live view of a lane, refreshed every second; Ctrl-C to leave. Prints plain lines "
+                   "when the output is not a terminal.")
+@click.argument("lane", required=False)
+@lane_option
 @click.option("--interval", default=1.0, show_default=True, help="seconds between refreshes")
 @click.option("--count", default=0, help="stop after this many refreshes (0: until Ctrl-C)")
 @_redis_errors
-def watch(queue, interval, count):
+def watch(lane, lane_opt, interval, count):
     from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -285,21 +448,39 @@ def watch(queue, interval, count):
     from onelane.ops.status import snapshot
 
     env = _Env()
-    q = env.queue(queue)
-    first = snapshot(env.client, env.keys, q, env.s.limits)
+    q = env.lane(lane, lane_opt)
+    first = snapshot(env.client, env.keys, q, env.s)
     base_done = first.completed["last_hour"] + first.failed["last_hour"]
     progress = Progress(TextColumn("queued work"), BarColumn(), TaskProgressColumn(),
                         TextColumn("{task.completed:.0f}/{task.total:.0f} done"), TimeRemainingColumn())
-    bar = progress.add_task("work", total=max(1, first.depth + len(first.in_flight) + first.delayed))
+    bar = progress.add_task("work", total=1)
+
+    def frame(snap):
+        done = max(0, snap.completed["last_hour"] + snap.failed["last_hour"] - base_done)
+        left = snap.depth + len(snap.in_flight) + snap.delayed
+        return done, left
+
     shown = 0
     try:
+        if not console.is_terminal:
+            while True:
+                snap = snapshot(env.client, env.keys, q, env.s)
+                click.echo(_watch_line(snap, *frame(snap)), nl=True)
+                shown += 1
+                if count and shown >= count:
+                    break
+                time.sleep(interval)
+            return
         with Live(console=console, refresh_per_second=4, transient=False) as live:
             while True:
-                snap = snapshot(env.client, env.keys, q, env.s.limits)
-                done = max(0, snap.completed["last_hour"] + snap.failed["last_hour"] - base_done)
-                left = snap.depth + len(snap.in_flight) + snap.delayed
-                progress.update(bar, completed=done, total=max(1, done + left))
-                live.update(Group(render(snap), progress))
+                snap = snapshot(env.client, env.keys, q, env.s)
+                done, left = frame(snap)
+                if done + left == 0:
+                    view = Group(render(snap), f"queued work: idle — nothing queued or in flight on {q!r}")
+                else:
+                    progress.update(bar, completed=done, total=done + left)
+                    view = Group(render(snap), progress)
+                live.update(view)
                 shown += 1
                 if count and shown >= count:
                     break
@@ -324,15 +505,17 @@ def _batch_or_fail(env, batch_id):
 
 
 def _batch_view(st):
+    """Two lines that fit 80 columns: the bar, then the counts."""
+    from rich.console import Group
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-    p = Progress(TextColumn(f"[bold]{st.batch_id}[/]"), BarColumn(), TaskProgressColumn(),
-                 TextColumn("{task.description}"))
-    eta = "-" if st.eta_s is None else f"{st.eta_s:.0f} s"
-    desc = (f"{st.finished}/{st.published}{'' if st.complete else '+'} · done {st.done} · failed {st.failed} · "
-            f"dead-lettered {st.dead_lettered} · {st.rate_per_s:.1f}/s · ETA {eta}")
-    p.add_task(desc, total=max(1, st.published), completed=st.finished)
-    return p
+    p = Progress(TextColumn(f"[bold]{st.batch_id}[/]"), BarColumn(bar_width=None), TaskProgressColumn(),
+                 TextColumn(f"{st.finished}/{st.published}{'' if st.complete else '+'}"), expand=True)
+    p.add_task("", total=max(1, st.published), completed=st.finished)
+    eta = "done" if st.over else ("-" if st.eta_s is None else f"ETA {st.eta_s:.0f} s")
+    counts = (f"  done {st.done} · failed {st.failed} · dead-lettered {st.dead_lettered} · "
+              f"{st.rate_per_s:.1f}/s · {eta}")
+    return Group(p, counts)
 
 
 @batch.command("list", help="Batches, newest first.")

@@ -1,7 +1,12 @@
-"""A snapshot of a queue for operators: everything ``onelane status`` shows, read-only.
+"""What the lanes are doing, for operators: everything ``onelane status`` shows, read-only.
 
-Reads only (a handful of pipelined commands), so it answers fast and never blocks a worker.
-The JSON form (``Snapshot.to_dict``) is the documented, stable shape.
+Reads only (a handful of pipelined commands per lane), so it answers fast and never blocks a
+worker. Two views, each with a documented JSON form:
+
+* :func:`overview` — one line per lane and bulk queue (depth, in flight, guard holder,
+  standbys, paused, dead letters, how long the head of the queue has waited), plus the
+  circuits and capped resources, which are shared by every lane;
+* :func:`snapshot` — one lane in detail.
 """
 from __future__ import annotations
 
@@ -14,10 +19,15 @@ from onelane.coordination.lease import Lease
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
-from onelane.delivery import flow
+from onelane.core.clients import eviction_problem
+from onelane.delivery import flow, registry
+from onelane.delivery.epoch import losses
 from onelane.delivery.inflight import Inflight
+from onelane.delivery.messages import parse_queued, task_id_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: a standby that has not announced itself for this long is not shown
+STANDBY_SEEN_MS = 30_000
 
 
 @dataclass
@@ -26,14 +36,20 @@ class Snapshot:
     now_ms: int
     depth: int
     paused: dict | None
+    kind: str = registry.LANE
+    #: a worker has registered this queue (or it is the default lane / the bulk queue)
+    known: bool = True
     in_flight: list[dict] = field(default_factory=list)
     guard: dict | None = None
     standbys: list[dict] = field(default_factory=list)
     leases: list[dict] = field(default_factory=list)
     delayed: int = 0
     dead_letters: int = 0
+    #: how long the message at the head of the queue has been waiting there (s), if any
+    head_waiting_s: float | None = None
     circuits: list[dict] = field(default_factory=list)
     limits: list[dict] = field(default_factory=list)
+    redis: dict = field(default_factory=dict)
     completed: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
     #: the transactional outbox of this lane, as its relay last reported it (None: no relay ever did)
@@ -63,11 +79,66 @@ def _limits(client, keys: Keys, limits) -> list[dict]:
     return out
 
 
-def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
-    """Everything about ``queue`` an operator looks at; ``limits`` are the settings' (resource, Limit) pairs."""
+def _circuits(client, keys: Keys) -> list[dict]:
+    return [{"resource": c.resource, "state": c.state, "failures": c.failures,
+             "open_for_s": c.blocked_for_ms / 1000, "cooldown_s": c.cooldown_ms / 1000}
+            for c in all_circuits(client, keys)]
+
+
+def redis_health(client, keys: Keys) -> dict:
+    """Redis as onelane depends on it: version, eviction policy, memory used / max, data losses noticed."""
+    mem = client.info("memory")
+    server = client.info("server")
+    problem = eviction_problem(mem)
+    return {
+        "version": server.get("redis_version"),
+        "maxmemory_policy": mem.get("maxmemory_policy"),
+        "eviction_safe": problem is None,
+        "used_memory": int(mem.get("used_memory", 0)),
+        "maxmemory": int(mem.get("maxmemory", 0)),
+        "data_losses": losses(client, keys),
+    }
+
+
+def head_waiting_s(client, keys: Keys, queue: str, now_ms: int) -> float | None:
+    """How long the message now at the head of ``queue`` has been seen there (None: empty).
+
+    Messages carry no publish time, so the first look at a new head starts its clock; every
+    look (status, the reaper every few seconds) keeps it. A lower bound on its wait.
+    """
+    head = parse_queued(client.lindex(keys.queue_list(queue), -1))
+    head_id = task_id_of(head) if head else None
+    if head_id is None:
+        client.delete(keys.head_seen(queue))
+        return None
+    seen = text_map(client.hgetall(keys.head_seen(queue)))
+    if seen.get("task_id") != head_id:
+        client.hset(keys.head_seen(queue), mapping={"task_id": head_id, "since_ms": now_ms})
+        return 0.0
+    return max(0.0, (now_ms - int(seen.get("since_ms") or now_ms)) / 1000)
+
+
+def _guard(client, keys: Keys, queue: str) -> dict | None:
+    g = Lease(client, keys.guard_name(queue), keys=keys).holder()
+    if g is None:
+        return None
+    return {"label": g.label, "host": g.host, "pid": g.pid, "renewed_ago_s": round(g.renewed_ago_s, 3),
+            "expires_in_s": g.pttl_ms / 1000}
+
+
+def _standbys(client, keys: Keys, queue: str) -> list[dict]:
+    out = []
+    for raw in client.hvals(keys.standbys(queue)):
+        info = json.loads(raw)
+        if time.time() * 1000 - info.get("seen_ms", 0) < STANDBY_SEEN_MS:
+            out.append(info)
+    return out
+
+
+def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
+    """Everything about one lane (or the bulk queue) an operator looks at."""
     now = redis_now_ms(client)
     pipe = client.pipeline(transaction=False)
-    pipe.llen(keys.queue_list(queue))
     pipe.zcard(keys.delayed(queue))
     pipe.zcard(keys.dead_letter_index(queue))
     pipe.zcount(keys.stats(queue, "success"), now - 60_000, "+inf")
@@ -75,11 +146,15 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
     pipe.zcount(keys.stats(queue, "failure"), now - 60_000, "+inf")
     pipe.zcount(keys.stats(queue, "failure"), now - 3_600_000, "+inf")
     pipe.zrange(keys.lease_index, 0, -1)
-    depth, delayed, dlq, ok_m, ok_h, bad_m, bad_h, lease_names = pipe.execute()
-
-    snap = Snapshot(queue=queue, now_ms=now, depth=depth, paused=flow.paused_info(client, keys, queue),
+    delayed, dlq, ok_m, ok_h, bad_m, bad_h, lease_names = pipe.execute()
+    kind = registry.BULK if queue == settings.bulk_queue else registry.LANE
+    snap = Snapshot(queue=queue, now_ms=now, depth=flow.depth(client, keys, queue),
+                    paused=flow.paused_info(client, keys, queue), kind=kind,
+                    known=registry.is_known(client, keys, queue, default_lane=settings.queue,
+                                            bulk_queue=settings.bulk_queue),
                     delayed=delayed, dead_letters=dlq, completed={"last_minute": ok_m, "last_hour": ok_h},
-                    failed={"last_minute": bad_m, "last_hour": bad_h})
+                    failed={"last_minute": bad_m, "last_hour": bad_h},
+                    head_waiting_s=head_waiting_s(client, keys, queue, now))
     inflight = Inflight(client, keys)
     for tid in inflight.task_ids(queue):
         rec = inflight.get(tid)
@@ -92,15 +167,8 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
             # the record travels with the acquire, before the fence is known: read it from the lease
             "fence": rec.fence or (Lease(client, rec.lease, keys=keys).fence() if rec.lease else 0),
         })
-    guard = Lease(client, keys.guard_name(queue), keys=keys).holder()
-    if guard is not None:
-        snap.guard = {"label": guard.label, "host": guard.host, "pid": guard.pid,
-                      "renewed_ago_s": round(guard.renewed_ago_s, 3), "expires_in_s": guard.pttl_ms / 1000}
-    ttl_ms = 30_000
-    for raw in client.hvals(keys.standbys(queue)):
-        info = json.loads(raw)
-        if time.time() * 1000 - info.get("seen_ms", 0) < ttl_ms:
-            snap.standbys.append(info)
+    snap.guard = _guard(client, keys, queue)
+    snap.standbys = _standbys(client, keys, queue)
     for raw in lease_names:
         name = text(raw)
         if keys.is_worker_lease(name) or keys.is_relay_lease(name):
@@ -109,10 +177,9 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
         h = lease.holder()
         snap.leases.append({"name": name, "fence": lease.fence(), "held": h is not None,
                             "holder": h.label if h else None, "expires_in_s": h.pttl_ms / 1000 if h else None})
-    for c in all_circuits(client, keys):
-        snap.circuits.append({"resource": c.resource, "state": c.state, "failures": c.failures,
-                              "open_for_s": c.blocked_for_ms / 1000, "cooldown_s": c.cooldown_ms / 1000})
-    snap.limits = _limits(client, keys, limits)
+    snap.circuits = _circuits(client, keys)
+    snap.limits = _limits(client, keys, settings.limits)
+    snap.redis = redis_health(client, keys)
     snap.outbox = _outbox(client, keys, queue, now)
     return snap
 
@@ -135,5 +202,57 @@ def _outbox(client, keys: Keys, lane: str, now_ms: int) -> dict | None:
             "relay": None if relay is None else {"label": relay.label, "host": relay.host, "pid": relay.pid}}
 
 
-def dumps(snap: Snapshot) -> str:
-    return json.dumps(snap.to_dict(), indent=2, sort_keys=True)
+def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
+    """One line of the overview: a lane (or bulk queue) at a glance."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(keys.inflight_index(queue))
+    pipe.zcard(keys.dead_letter_index(queue))
+    pipe.zcard(keys.delayed(queue))
+    pipe.exists(keys.paused(queue))
+    pipe.zcount(keys.stats(queue, "success"), now_ms - 60_000, "+inf")
+    in_flight, dlq, delayed, paused, ok_m = pipe.execute()
+    guard = _guard(client, keys, queue)
+    return {
+        "name": queue,
+        "kind": registry.BULK if queue == settings.bulk_queue else registry.LANE,
+        "depth": flow.depth(client, keys, queue),
+        "in_flight": in_flight,
+        "delayed": delayed,
+        "holder": guard,
+        "standbys": len(_standbys(client, keys, queue)),
+        "paused": bool(paused),
+        "dead_letters": dlq,
+        "completed_last_minute": ok_m,
+        "head_waiting_s": head_waiting_s(client, keys, queue, now_ms),
+        "outbox": _outbox(client, keys, queue, now_ms),
+    }
+
+
+def overview(client, keys: Keys, settings) -> dict:
+    """Every lane and bulk queue, one line each, and what they share (circuits, capped resources)."""
+    now = redis_now_ms(client)
+    lanes = registry.lanes(client, keys, default_lane=settings.queue, bulk_queue=settings.bulk_queue)
+    bulks = registry.bulk_queues(client, keys, bulk_queue=settings.bulk_queue)
+    # a lane the outbox relay publishes to is listed even before any worker consumes it
+    lanes += sorted({text(x) for x in client.hkeys(keys.outbox_lanes)} - set(lanes) - set(bulks))
+    return {
+        "schema": SCHEMA_VERSION,
+        "now_ms": now,
+        "lanes": [lane_line(client, keys, q, settings, now) for q in lanes],
+        "bulk": [lane_line(client, keys, q, settings, now) for q in bulks],
+        "circuits": _circuits(client, keys),
+        "limits": _limits(client, keys, settings.limits),
+        "redis": redis_health(client, keys),
+    }
+
+
+def lanes_overview(client, keys: Keys, settings) -> list[dict]:
+    """The overview's lines, lanes then bulk queues (what the HTTP intake's GET /v1/lanes lists)."""
+    o = overview(client, keys, settings)
+    return o["lanes"] + o["bulk"]
+
+
+def dumps(data) -> str:
+    """The stable JSON form of a snapshot or an overview."""
+    d = data.to_dict() if isinstance(data, Snapshot) else data
+    return json.dumps(d, indent=2, sort_keys=True)

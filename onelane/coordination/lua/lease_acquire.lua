@@ -1,7 +1,8 @@
 -- Grant a lease if it is free (or already ours, or held by a token we may steal).
 -- KEYS[1] lease key (string: owner token, with an expiry)
 -- KEYS[2] holder hash (who holds it: token, host, pid, label, since, renewed, deadline)
--- KEYS[3] fencing counter (incremented on every new grant)
+-- KEYS[3] fencing counter (incremented on every new grant; a new one starts at the Redis
+--         clock in microseconds, so tokens never go backwards, even after Redis lost its data)
 -- KEYS[4] lease index (sorted set: lease name -> deadline, ms on the Redis clock)
 -- ARGV[1] token of the caller
 -- ARGV[2] ttl in ms (the lease expires this long after the grant)
@@ -20,6 +21,11 @@ local fence
 if current == ARGV[1] then
     fence = tonumber(redis.call('GET', KEYS[3]) or '0')
 elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
+    if redis.call('EXISTS', KEYS[3]) == 0 then
+        -- a counter that does not exist yet (a new lease, or Redis came back without its data)
+        -- starts from the Redis clock in microseconds: above every token granted before
+        redis.call('SET', KEYS[3], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+    end
     fence = redis.call('INCR', KEYS[3])
 else
     local h = redis.call('HMGET', KEYS[2], 'host', 'pid', 'label', 'renewed', 'since')

@@ -30,6 +30,10 @@ if held >= cap or not free then
 end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[3 + free], ARGV[1], 'PX', ttl)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    -- a new counter starts from the Redis clock in microseconds (see lease_acquire.lua)
+    redis.call('SET', KEYS[1], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+end
 local fence = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[4 + free])
 return {1, free, fence, now + ttl, now, cap}
