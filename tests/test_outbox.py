@@ -374,7 +374,7 @@ def test_sqlite_producers_and_the_relay_write_at_the_same_time_without_lock_erro
 
 
 @pytest.mark.redis
-def test_relay_command_says_what_is_missing(base_env, tmp_path):
+def test_relay_command_says_what_is_missing(base_env, tmp_path, sqlite_url):
     onelane = str(procs.VENV_BIN / "onelane")
     # no database named
     run = subprocess.run([onelane, "relay"], env=base_env, capture_output=True, text=True, timeout=60)
@@ -383,6 +383,13 @@ def test_relay_command_says_what_is_missing(base_env, tmp_path):
     run = subprocess.run([onelane, "relay", "--db", f"sqlite:///{tmp_path / 'none.db'}", "--once"],
                          env=base_env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and "onelane_outbox" in run.stderr and "create_table" in run.stderr
+    # a Redis that may evict keys (the relay's leases, the worker's memory of done callouts)
+    from demo.redis_server import RedisServer
+
+    with RedisServer(appendonly=False, extra_args=("--maxmemory-policy", "allkeys-lru")) as evicting:
+        run = subprocess.run([onelane, "relay", "--db", sqlite_url, "--once"], env={**base_env, "REDIS_URL": evicting.url},
+                             capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "'allkeys-lru'" in run.stderr and "ONELANE_ALLOW_EVICTION=1" in run.stderr
     # a URL SQLAlchemy does not know
     run = subprocess.run([onelane, "relay", "--db", "nosuchdb://x/y"], env=base_env, capture_output=True,
                          text=True, timeout=60)

@@ -37,7 +37,7 @@ from onelane.callout.ledger import Ledger
 from onelane.callout.result import dead_letter_entry, storable
 from onelane.callout.validation import validate
 from onelane.coordination.lease import Grant, Lease, new_token
-from onelane.core.clients import client_for, redact_url
+from onelane.core.clients import client_for, eviction_problem, redact_url
 from onelane.core.clock import redis_now_ms
 from onelane.core.errors import ValidationError
 from onelane.core.keys import Keys
@@ -237,6 +237,15 @@ class Relay:
         return self.engine.url.render_as_string(hide_password=True)
 
     # -- start-up -----------------------------------------------------------------------------
+    def check_redis(self) -> None:
+        """Raise OutboxError when Redis may evict keys (unless ONELANE_ALLOW_EVICTION=1): the relay's
+        lane leases and the worker's memory of done callouts, which drops a republished copy."""
+        problem = eviction_problem(self.client.info("memory"))
+        if problem and not self.s.allow_eviction:
+            raise OutboxError(f"the relay refuses to start: {problem}")
+        if problem:
+            log.warning("onelane: relay: %s (starting anyway: ONELANE_ALLOW_EVICTION=1)", problem)
+
     def check_table(self) -> None:
         """Raise OutboxError (what to do) when the outbox table is missing; database errors propagate."""
         sa = outbox._sqlalchemy()
@@ -419,6 +428,7 @@ class Relay:
             while not stop.is_set():
                 try:
                     if not ready:
+                        self.check_redis()
                         self.check_table()
                         if self.listener is not None:
                             self.listener.open()
@@ -455,6 +465,7 @@ class Relay:
 
     def drain(self) -> PassReport:
         """Pass until nothing this relay may publish is left (``onelane relay --once``)."""
+        self.check_redis()
         self.check_table()
         total = PassReport()
         try:
