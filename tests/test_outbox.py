@@ -6,6 +6,7 @@ against SQLite and the session's Redis; e2e: a private PostgreSQL server, real `
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -292,7 +293,7 @@ def test_status_shows_the_outbox_depth_and_the_oldest_rows_age_per_lane(sqlite_u
     # the overview lists every lane the outbox feeds (no worker has consumed "erp" yet), with its outbox
     lines = {line["name"]: line for line in overview(redis_client, keys, s)["lanes"]}
     assert lines["erp"]["outbox"]["depth"] == 1 and lines["serial"]["outbox"]["depth"] == 2
-    console = Console(width=160, record=True)
+    console = Console(width=160, record=True, file=io.StringIO())
     console.print(render_overview(overview(redis_client, keys, s)))
     assert re.search(r"serial .* 2 \(3\d s\)", console.export_text()), console.export_text()
     # and after the relay published them: depth 0, and the relay that holds the lane
@@ -302,7 +303,7 @@ def test_status_shows_the_outbox_depth_and_the_oldest_rows_age_per_lane(sqlite_u
     assert after["depth"] == 0 and after["oldest_age_s"] is None and after["relay"]["label"] == relay.label
     # the resource lease table does not list the relay's lane leases
     assert not [le for le in snapshot(redis_client, keys, "serial", s).leases if le["name"].startswith("relay:")]
-    console = Console(width=160, record=True)
+    console = Console(width=160, record=True, file=io.StringIO())
     console.print(render(snapshot(redis_client, keys, "serial", s)))
     assert re.search(r"outbox\s+0 waiting, oldest -", console.export_text())
     relay.leases.release_all()
