@@ -3,7 +3,8 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY onelane ./onelane
-RUN pip install --no-cache-dir .
+# with the outbox extra (SQLAlchemy, psycopg 3): the relay service and beat with ONELANE_OUTBOX_DB use it
+RUN pip install --no-cache-dir ".[outbox]"
 # the Celery entry points of the project root (`celery -A tasks ...`), not installed
 COPY tasks ./tasks
 COPY worker ./worker

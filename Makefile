@@ -71,3 +71,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# the transactional outbox relay (README: the outbox): publishes committed outbox rows to their lanes
+.PHONY: relay
+relay: $(STAMP)
+	@test -n "$$ONELANE_OUTBOX_DB" || { echo "set ONELANE_OUTBOX_DB=<SQLAlchemy URL of your database> first (e.g. postgresql+psycopg://user:password@host/db)"; exit 2; }
+	$(BIN)/onelane relay

@@ -1,7 +1,8 @@
 """The beat scheduler, for configurations that name it as ``beat.scheduler:OnelaneScheduler``.
 
-onelane's app sets it itself (``onelane.delivery.scheduler:OnelaneScheduler``); this is the same class.
+onelane's app sets it itself (``onelane.ops.beat:OnelaneScheduler``: the reaper and, with
+ONELANE_OUTBOX_DB, the outbox relay); this is the same class.
 """
-from onelane.delivery.scheduler import OnelaneScheduler, run_reaper
+from onelane.ops.beat import OnelaneScheduler, run_reaper
 
 __all__ = ["OnelaneScheduler", "run_reaper"]

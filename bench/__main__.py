@@ -14,6 +14,9 @@
 6. Lanes: the memory of one lane's worker (prefork and --pool solo), and 20 lanes on one
    host, one worker each, all progressing at once.
 7. Redis memory: bytes per queued callout (100 000 queued) and per dead letter.
+8. Outbox: commit-to-API latency of single-callout transactions through the outbox relay,
+   woken by PostgreSQL NOTIFY and by polling, against send_task right after the commit; and
+   the relay's throughput (rows/s) against a plain send_task loop.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -323,6 +326,117 @@ def redis_memory(queued: int, dead: int):
             "dead_letters": dead, "bytes_per_dead_letter": round((after_dead - after_queue) / dead)}
 
 
+# -- 8. outbox ---------------------------------------------------------------------------------
+def outbox_latency(pg, server, api, mode: str, n: int, gap_s: float) -> dict:
+    """Latency from each commit to its call's arrival at the API: n transactions, one every ~gap_s.
+
+    mode: "notify" (relay woken by LISTEN/NOTIFY), "poll" (relay polling every 100 ms, the
+    default), "send_task" (no outbox: send_task right after the commit, the baseline). A worker
+    on "serial" is running; each mode has a database of its own.
+    """
+    import random
+
+    import sqlalchemy as sa
+
+    from onelane import outbox
+    from tests.outbox_procs import RelayProcess
+
+    url = pg.create_database("bench")
+    engine = sa.create_engine(url)
+    md = sa.MetaData()
+    orders = sa.Table("orders", md, sa.Column("id", sa.Integer, primary_key=True))
+    md.create_all(engine)
+    outbox.create_table(engine)
+    api.reset()
+    env = env_for(server.url, ONELANE_OUTBOX_LISTEN="0" if mode == "poll" else "1")
+    app = Celery(broker=server.url, backend=server.url)
+    relay = RelayProcess(env, url, name=f"relay-{mode}").start() if mode != "send_task" else None
+    committed = {}
+    rng = random.Random(6)
+    try:
+        for i in range(n):
+            key = f"{mode}-{i}"
+            with engine.begin() as conn:  # the producer's transaction: an order, and its callout
+                conn.execute(orders.insert().values(id=i))
+                if mode != "send_task":
+                    outbox.add(conn, f"{api.url}/orders", json={"i": i}, idempotency_key=key)
+            committed[key] = time.time()
+            if mode == "send_task":
+                app.send_task("tasks.callout", kwargs={"url": f"{api.url}/orders", "json": {"i": i},
+                                                       "idempotency_key": key}, queue="serial")
+            time.sleep(gap_s * rng.uniform(0.5, 1.5))
+        wait_for(lambda: len(api.snapshot()) >= n, 120, 0.05, what="every callout at the API")
+    finally:
+        if relay is not None:
+            relay.stop()
+        engine.dispose()
+    calls = api.snapshot()
+    lat = [(c.start - committed[c.key]) * 1000 for c in calls]
+    return {"calls": len(calls), "p50_ms": round(pct(lat, 50), 2), "p99_ms": round(pct(lat, 99), 2),
+            "max_ms": round(max(lat), 2), "overlaps": api.overlaps,
+            "once_each": len({c.key for c in calls}) == len(calls) == n}
+
+
+def outbox_throughput(pg, rows: int) -> dict:
+    """The relay's rows/s draining ``rows`` callouts committed in one transaction (NOTIFY), against
+    one producer publishing as many with send_task in a loop."""
+    import sqlalchemy as sa
+
+    from onelane import outbox
+    from tests.outbox_procs import RelayProcess
+
+    url = pg.create_database("bench")
+    engine = sa.create_engine(url)
+    outbox.create_table(engine)
+    t = outbox.table()
+    out = {}
+    with RedisServer(appendonly=False) as server:
+        env = env_for(server.url)
+        relay = RelayProcess(env, url, name="relay-throughput").start()
+        try:
+            with engine.begin() as conn:
+                for i in range(rows):
+                    outbox.add(conn, "https://api.example.com/orders", json={"i": i})
+            t0 = time.time()
+
+            def drained():
+                with engine.connect() as conn:
+                    return conn.execute(sa.select(sa.func.count()).where(t.c.published_ms.is_(None))).scalar() == 0
+            wait_for(drained, 300, 0.02, what="the outbox drained")
+            took = time.time() - t0
+        finally:
+            relay.stop()
+        import redis
+
+        queued = redis.Redis.from_url(server.url).llen("serial")
+        out["relay"] = {"rows": rows, "seconds": round(took, 3), "rows_per_s": round(rows / took, 1),
+                        "queued": queued}
+    with RedisServer(appendonly=False) as server:
+        app = Celery(broker=server.url, backend=server.url)
+        t0 = time.time()
+        for i in range(rows):
+            app.send_task("tasks.callout", kwargs={"url": "https://api.example.com/orders", "json": {"i": i}},
+                          queue="serial")
+        took = time.time() - t0
+        out["send_task"] = {"rows": rows, "seconds": round(took, 3), "rows_per_s": round(rows / took, 1)}
+    engine.dispose()
+    return out
+
+
+def outbox_bench(n: int, rows: int) -> dict:
+    from tests.pg_server import PostgresServer
+
+    with PostgresServer() as pg:
+        with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0) as api:
+            w = worker("tasks", "serial", env_for(server.url), "outbox").start(timeout_s=60)
+            try:
+                latency = {mode: outbox_latency(pg, server, api, mode, n, gap_s=0.03)
+                           for mode in ("notify", "poll", "send_task")}
+            finally:
+                w.stop()
+        return {"latency": latency, "throughput": outbox_throughput(pg, rows)}
+
+
 # -- report ------------------------------------------------------------------------------------
 def report(res):
     t = Table(title=f"onelane benchmarks — {res['machine']}")
@@ -371,6 +485,17 @@ def report(res):
         t.add_row(f"Redis memory: per queued callout ({mem['queued']} queued) / per dead letter",
                   f"{mem['bytes_per_queued_callout']} B / {mem['bytes_per_dead_letter']} B", "",
                   f"1 GB holds ~{(1 << 30) // max(1, mem['bytes_per_queued_callout']):,} queued callouts")
+    ob = res.get("outbox")
+    if ob:
+        lat = ob["latency"]
+        t.add_row(f"outbox: commit -> API p50 / p99 ms, {res['args']['outbox_calls']} one-callout transactions",
+                  f"NOTIFY {lat['notify']['p50_ms']} / {lat['notify']['p99_ms']}",
+                  f"send_task after commit {lat['send_task']['p50_ms']} / {lat['send_task']['p99_ms']}",
+                  f"polling 100 ms: {lat['poll']['p50_ms']} / {lat['poll']['p99_ms']}")
+        tp = ob["throughput"]
+        t.add_row(f"outbox relay: rows/s, {tp['relay']['rows']} rows committed at once",
+                  str(tp["relay"]["rows_per_s"]), f"send_task loop {tp['send_task']['rows_per_s']}",
+                  f"{tp['relay']['rows_per_s'] / tp['send_task']['rows_per_s']:.2f}x")
     console.print(t)
 
 
@@ -405,6 +530,10 @@ def main(argv=None) -> int:
     res["lanes"] = lanes(lane_count, 2 if a.quick else 5)
     console.print("redis memory ...")
     res["redis_memory"] = redis_memory(2000 if a.quick else 100_000, 200 if a.quick else 10_000)
+    ob_calls, ob_rows = (30, 500) if a.quick else (300, 5000)
+    res["args"].update(outbox_calls=ob_calls, outbox_rows=ob_rows)
+    console.print(f"outbox: {ob_calls} transactions three ways, {ob_rows} rows through the relay ...")
+    res["outbox"] = outbox_bench(ob_calls, ob_rows)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

@@ -5,6 +5,8 @@ never builds the Celery app:
 
 * :func:`submit` — validate one callout and publish it;
 * :func:`submit_many` — publish a big batch to the bulk queue, with progress;
+* ``outbox`` — ``outbox.add(conn, url, ...)`` writes a callout into the caller's database
+  transaction; the relay publishes it if and only if that transaction commits;
 * ``app`` — the Celery app (``celery -A onelane worker``, or ``-A tasks`` from the project root).
 
 The layers, each importing only those before it: ``core`` (settings, keys, errors,
@@ -15,7 +17,7 @@ run: validate, permit, HTTP, classify, ledger) → ``app``/``task`` (the Celery 
 """
 from __future__ import annotations
 
-__all__ = ["app", "submit", "submit_many"]
+__all__ = ["app", "submit", "submit_many", "outbox"]
 __version__ = "0.2.0"
 
 
@@ -30,6 +32,10 @@ def __getattr__(name: str):
         from onelane.ops.batches import submit_many
 
         return submit_many
+    if name == "outbox":
+        from onelane.ops import outbox
+
+        return outbox
     raise AttributeError(f"module 'onelane' has no attribute {name!r}")
 
 

@@ -79,7 +79,7 @@ def celery_config(s: Settings) -> dict:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "enable_utc": True,
-        "beat_scheduler": "onelane.delivery.scheduler:OnelaneScheduler",
+        "beat_scheduler": "onelane.ops.beat:OnelaneScheduler",
         # a message the worker cannot run is dead-lettered and marked FAILURE, never dropped silently
         "worker_consumer": "onelane.consumer:Consumer",
         "beat_schedule": {

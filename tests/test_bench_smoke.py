@@ -38,4 +38,11 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert ln["one_lane_rss_mb_prefork"] > 0 and ln["one_lane_rss_mb_solo"] > 0 and ln["total_rss_mb"] > 0
     mem = res["redis_memory"]
     assert mem["queued"] == 2000 and mem["bytes_per_queued_callout"] > 100 and mem["bytes_per_dead_letter"] > 100
-    assert "overhead" in run.stdout and "calls/s" in run.stdout
+    ob = res["outbox"]
+    for mode in ("notify", "poll", "send_task"):  # commit-to-API latency, each callout once
+        lat = ob["latency"][mode]
+        assert lat["calls"] == 30 and lat["once_each"] and lat["overlaps"] == 0 and lat["p99_ms"] >= lat["p50_ms"] > 0
+    relay = ob["throughput"]["relay"]
+    assert relay["queued"] == relay["rows"] == 500 and relay["rows_per_s"] > 0
+    assert ob["throughput"]["send_task"]["rows_per_s"] > 0
+    assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout

@@ -26,7 +26,8 @@ THIRD_PARTY = {
     "delivery": {"redis", "celery", "kombu"},
     "callout": {"redis", "celery", "requests", "urllib3"},
     "composition": {"celery", "kombu"},
-    "ops": {"redis", "celery", "kombu", "click", "rich"},
+    # sqlalchemy and psycopg (the outbox extra) only inside the functions that need them
+    "ops": {"redis", "celery", "kombu", "click", "rich", "sqlalchemy", "psycopg"},
     "facade": set(),
 }
 

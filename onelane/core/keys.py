@@ -212,3 +212,19 @@ class Keys:
     def priority_list(queue: str, level: int) -> str:
         """kombu's list for messages of ``queue`` published with priority ``level`` (1-9)."""
         return f"{queue}{KOMBU_PRIORITY_SEP}{level}"
+
+    # -- the transactional outbox (see onelane.ops.relay)
+    @staticmethod
+    def relay_lease(lane: str) -> str:
+        """The lease name of the relay that publishes a lane's outbox rows (one relay at a time)."""
+        return f"relay:{lane}"
+
+    @staticmethod
+    def is_relay_lease(name: str) -> bool:
+        """True for a relay lease name (status shows those with the outbox, not as resources)."""
+        return name.startswith("relay:")
+
+    @property
+    def outbox_lanes(self) -> str:
+        """Hash: lane -> JSON {depth, oldest_age_ms, reported_ms, relay} written by the relay each pass."""
+        return f"{self.prefix}:outbox"

@@ -112,6 +112,16 @@ class Settings:
     def uses_sentinel(self) -> bool:
         return self.redis_url.startswith("sentinel://")
 
+    # -- the transactional outbox (onelane.ops.outbox, onelane.ops.relay)
+    #: SQLAlchemy URL of the database whose outbox table beat relays ("" = beat runs no relay)
+    outbox_db: str = ""
+    #: how often a relay that cannot LISTEN looks for committed rows
+    outbox_poll_ms: int = 100
+    #: how long published rows stay in the table (0: deleted as soon as they are published)
+    outbox_keep_s: int = 86_400
+    #: on PostgreSQL, wake on LISTEN/NOTIFY (off: poll, e.g. behind PgBouncer in transaction mode)
+    outbox_listen: bool = True
+
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
         for name, limit in self.limits:
@@ -324,6 +334,22 @@ def _sentinel_settings(env) -> dict:
     }
 
 
+_DB_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\+[A-Za-z0-9_]+)?://")
+
+
+def _database_url(env, name) -> str:
+    """A SQLAlchemy database URL (dialect[+driver]://...), checked for its shape only."""
+    raw = _get(env, name)
+    if raw is None:
+        return ""
+    if not _DB_URL_RE.match(raw):
+        raise ConfigError(
+            f"{name}: {raw.split('@')[-1]!r} is not a database URL; use a SQLAlchemy URL such as "
+            "postgresql+psycopg://user:password@host:5432/db or sqlite:////path/to/app.db"
+        )
+    return raw
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; raise ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
@@ -373,6 +399,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
         allow_eviction=_flag(env, "ONELANE_ALLOW_EVICTION", False),
+        outbox_db=_database_url(env, "ONELANE_OUTBOX_DB"),
+        outbox_poll_ms=_number(env, "ONELANE_OUTBOX_POLL_MS", 100, kind=int, low=1, high=60_000),
+        outbox_keep_s=_number(env, "ONELANE_OUTBOX_KEEP", 86_400, kind=int, low=0, high=366 * 86_400),
+        outbox_listen=_flag(env, "ONELANE_OUTBOX_LISTEN", True),
         **_sentinel_settings(env),
     )
     check_relations(s)

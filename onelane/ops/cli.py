@@ -333,11 +333,19 @@ def render_overview(data):
                     ("stby", {"justify": "right"}), ("paused", {}), ("dlq", {"justify": "right"}),
                     ("head waits", {"justify": "right"})):
         t.add_column(col, **kw)
-    for line in data["lanes"] + data["bulk"]:
+    lines = data["lanes"] + data["bulk"]
+    with_outbox = any(line.get("outbox") for line in lines)  # the column only where a relay reports
+    if with_outbox:
+        t.add_column("outbox (oldest)", justify="right")
+    for line in lines:
         name = line["name"] + (" (bulk)" if line["kind"] == "bulk" else "")
         holder = _holder(line["holder"]) if line["kind"] == "lane" else "-"
-        t.add_row(name, str(line["depth"]), str(line["in_flight"]), holder, str(line["standbys"]),
-                  "[red]yes[/]" if line["paused"] else "no", str(line["dead_letters"]), _age(line["head_waiting_s"]))
+        row = [name, str(line["depth"]), str(line["in_flight"]), holder, str(line["standbys"]),
+               "[red]yes[/]" if line["paused"] else "no", str(line["dead_letters"]), _age(line["head_waiting_s"])]
+        if with_outbox:
+            o = line.get("outbox")
+            row.append("-" if o is None else f"{o['depth']} ({_age(o['oldest_age_s'])})")
+        t.add_row(*row)
     parts = [t]
     opened = [c for c in data["circuits"] if c["state"] != "closed"]
     if opened:
@@ -380,6 +388,12 @@ def render(snap):
     head.add_row("head waits", _age(snap.head_waiting_s), "", "")
     for sb in snap.standbys:
         head.add_row("standby", f"{sb['label']} on {sb['host']} (pid {sb['pid']})", "", "")
+    if snap.outbox is not None:  # the lane's transactional outbox, as its relay last reported it
+        o = snap.outbox
+        age = "-" if o["oldest_age_s"] is None else f"{o['oldest_age_s']:.1f} s"
+        relay = f" by {o['relay']['label']}" if o["relay"] else ""
+        head.add_row("outbox", f"{o['depth']} waiting, oldest {age}", "outbox reported",
+                     f"{o['reported_ago_s']:.1f} s ago{relay}")
     parts = [head, *_redis_lines(snap.redis)]
     if snap.in_flight:
         t = Table(title="in flight")
@@ -556,6 +570,50 @@ def batch_watch(batch_id, interval):
         return
     console.print(f"batch {batch_id} finished: {st.done} done, {st.failed} failed, "
                   f"{st.dead_lettered} dead-lettered")
+
+
+# -- the outbox relay ---------------------------------------------------------------------------------
+@main.command(help="Publish committed outbox rows to their lanes (see the README: the outbox).")
+@click.option("--db", "db_url", default=None, metavar="URL",
+              help="SQLAlchemy URL of the database with the outbox table (default ONELANE_OUTBOX_DB)")
+@click.option("--once", is_flag=True, help="publish what is waiting now, then exit")
+def relay(db_url, once):
+    import logging
+    import signal
+    import threading
+
+    from onelane.ops.outbox import OutboxError
+    from onelane.ops.relay import Relay
+
+    try:
+        s = get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    db_url = db_url or s.outbox_db
+    if not db_url:
+        raise click.UsageError("name the database: onelane relay --db URL, or set ONELANE_OUTBOX_DB "
+                               "(e.g. postgresql+psycopg://user:password@host/db)")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    try:
+        r = Relay(db_url, settings=s)
+        if once:
+            done = r.drain()
+            console.print(f"published {done.published} row(s), dead-lettered {done.dead_lettered}")
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in hand, release the lanes
+            signal.signal(sig, lambda *_: stop.set())
+        r.run(stop)
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise click.ClickException(f"cannot reach Redis at {redact_url(s.redis_url)} ({exc}); "
+                                   f"{connect_hint(exc)}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("sqlalchemy"):  # the database refused or is away (--once)
+            raise click.ClickException(f"the database failed: {str(exc).splitlines()[0]}; is it running, "
+                                       "and is the URL right?") from None
+        raise
 
 
 if __name__ == "__main__":

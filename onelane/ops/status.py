@@ -52,6 +52,8 @@ class Snapshot:
     redis: dict = field(default_factory=dict)
     completed: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    #: the transactional outbox of this lane, as its relay last reported it (None: no relay ever did)
+    outbox: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -192,8 +194,8 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
     snap.standbys = _standbys(client, keys, queue)
     for raw in lease_names:
         name = text(raw)
-        if keys.is_worker_lease(name):
-            continue  # the guard and worker presence are shown apart
+        if keys.is_worker_lease(name) or keys.is_relay_lease(name):
+            continue  # the guard, worker presence and outbox relay are shown apart
         lease = Lease(client, name, keys=keys)
         h = lease.holder()
         snap.leases.append({"name": name, "fence": lease.fence(), "held": h is not None,
@@ -201,7 +203,26 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
     snap.circuits = _circuits(client, keys)
     snap.limits = _limits(client, keys, settings.limits)
     snap.redis = redis_health(client, keys, settings)
+    snap.outbox = _outbox(client, keys, queue, now)
     return snap
+
+
+def _outbox(client, keys: Keys, lane: str, now_ms: int) -> dict | None:
+    """The lane's outbox as the relay reported it (read from Redis: status never needs the database).
+
+    The oldest row's age goes on growing after the report, so a relay that stopped shows.
+    """
+    raw = client.hget(keys.outbox_lanes, lane)
+    if raw is None:
+        return None
+    r = json.loads(raw)
+    since_ms = max(0, now_ms - int(r.get("reported_ms", now_ms)))
+    age_ms = r.get("oldest_age_ms")
+    relay = Lease(client, keys.relay_lease(lane), keys=keys).holder()
+    return {"depth": int(r.get("depth", 0)),
+            "oldest_age_s": None if age_ms is None else round((age_ms + since_ms) / 1000, 3),
+            "reported_ago_s": round(since_ms / 1000, 3),
+            "relay": None if relay is None else {"label": relay.label, "host": relay.host, "pid": relay.pid}}
 
 
 def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
@@ -226,6 +247,7 @@ def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
         "dead_letters": dlq,
         "completed_last_minute": ok_m,
         "head_waiting_s": head_waiting_s(client, keys, queue, now_ms),
+        "outbox": _outbox(client, keys, queue, now_ms),
     }
 
 
@@ -234,6 +256,8 @@ def overview(client, keys: Keys, settings) -> dict:
     now = redis_now_ms(client)
     lanes = registry.lanes(client, keys, default_lane=settings.queue, bulk_queue=settings.bulk_queue)
     bulks = registry.bulk_queues(client, keys, bulk_queue=settings.bulk_queue)
+    # a lane the outbox relay publishes to is listed even before any worker consumes it
+    lanes += sorted({text(x) for x in client.hkeys(keys.outbox_lanes)} - set(lanes) - set(bulks))
     return {
         "schema": SCHEMA_VERSION,
         "now_ms": now,
