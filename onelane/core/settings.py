@@ -92,6 +92,13 @@ class Settings:
     limits: tuple = ()
     #: every key onelane writes starts with this
     key_prefix: str = "onelane"
+    #: the HTTP intake (``onelane intake``): JSON file of hashed bearer tokens (hash -> lanes, rate);
+    #: not checked here, so processes other than the intake never depend on it
+    intake_tokens_file: str = ""
+    #: the most callouts one batch request may carry
+    intake_max_batch: int = 500
+    #: the largest body of a batch request, bytes (a single callout's is ONELANE_MAX_MESSAGE_BYTES)
+    intake_max_batch_bytes: int = 16 << 20
 
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
@@ -305,6 +312,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_ca_certs=_path(env, "ONELANE_REDIS_CA_CERTS"),
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
+        intake_tokens_file=_get(env, "ONELANE_INTAKE_TOKENS_FILE") or "",
+        intake_max_batch=_number(env, "ONELANE_INTAKE_MAX_BATCH", 500, kind=int, low=1, high=100_000),
+        intake_max_batch_bytes=_number(env, "ONELANE_INTAKE_MAX_BATCH_BYTES", 16 << 20, kind=int, low=1024,
+                                       high=1 << 30),
     )
     check_relations(s)
     if s.bulk_queue == s.queue:
