@@ -116,3 +116,21 @@ def snapshot(client, keys: Keys, queue: str, limits=()) -> Snapshot:
 
 def dumps(snap: Snapshot) -> str:
     return json.dumps(snap.to_dict(), indent=2, sort_keys=True)
+
+
+def lanes_overview(client, keys: Keys, settings) -> list[dict]:
+    """One entry per known lane: name, depth, callouts in flight, guard holder, paused, dead letters.
+
+    Read-only, like :func:`snapshot`. For now the known lanes are the default queue and the bulk
+    queue (``settings.queue``, ``settings.bulk_queue``).
+    """
+    out = []
+    for queue in (settings.queue, settings.bulk_queue):
+        snap = snapshot(client, keys, queue)
+        g = snap.guard
+        out.append({
+            "name": queue, "depth": snap.depth, "in_flight": len(snap.in_flight),
+            "guard": {"label": g["label"], "host": g["host"], "pid": g["pid"]} if g else None,
+            "paused": snap.paused is not None, "dead_letters": snap.dead_letters,
+        })
+    return out
