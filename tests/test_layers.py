@@ -26,7 +26,8 @@ THIRD_PARTY = {
     "delivery": {"redis", "celery", "kombu"},
     "callout": {"redis", "celery", "requests", "urllib3"},
     "composition": {"celery", "kombu"},
-    "ops": {"redis", "celery", "kombu", "click", "rich"},
+    # starlette and uvicorn: the HTTP intake only (onelane/ops/intake/, the extra onelane[intake])
+    "ops": {"redis", "celery", "kombu", "click", "rich", "starlette", "uvicorn"},
     "facade": set(),
 }
 
