@@ -55,3 +55,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# the HTTP intake on loopback, as the README shows (beyond loopback only with ONELANE_INTAKE_TOKENS_FILE)
+.PHONY: intake
+intake: $(STAMP)
+	$(BIN)/onelane intake --host 127.0.0.1 --port 8080
