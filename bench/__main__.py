@@ -11,6 +11,8 @@
 4. Memory: worker RSS after the overhead run.
 5. Capacity: 2000 calls of 50 ms to an API that fails above 25 in flight, from two
    thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls.
+6. Intake (bench/intake.py): single POSTs to `onelane intake` with keep-alive against
+   send_task — requests/s, latency p50/p99 — and POST-to-API latency on an idle lane.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from demo.fragile_api import FragileAPI, Reply  # noqa: E402
 from demo.redis_server import RedisServer  # noqa: E402
 from tests.procs import CeleryProcess, children, wait_for  # noqa: E402
+from bench.intake import report_rows as intake_rows, run as intake_bench  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -264,6 +267,8 @@ def report(res):
                   "skipped (--quick)" if b is None else (f"{b['seconds_after_kill']}" if b.get("seconds_after_kill")
                                                         is not None else b.get("note", "")),
                   f"API overlaps: onelane {ol['overlaps']}, bare {b['overlaps'] if b else '-'}")
+    for row in intake_rows(res["intake"]) if "intake" in res else []:
+        t.add_row(*row)
     console.print(t)
 
 
@@ -293,6 +298,8 @@ def main(argv=None) -> int:
     res["capacity"] = capacity(cap_calls)
     console.print("recovery ...")
     res["recovery"] = recovery(a.quick)
+    console.print("intake: POSTs against send_task ...")
+    res["intake"] = intake_bench(a.quick)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

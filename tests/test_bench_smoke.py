@@ -33,4 +33,7 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     cap = res["capacity"]
     assert cap["onelane_cap_25"]["failed_calls"] == 0 and cap["onelane_cap_25"]["max_concurrency"] <= 25
     assert {"unlimited", "sleep_between_calls"} <= set(cap)
-    assert "overhead" in run.stdout and "calls/s" in run.stdout
+    intake = res["intake"]
+    assert intake["accepting"]["intake"]["statuses"] == {"202": intake["accepting"]["intake"]["requests"]}
+    assert intake["accepting"]["send_task"]["per_s"] > 0 and intake["end_to_end"]["overlaps"] == 0
+    assert "overhead" in run.stdout and "calls/s" in run.stdout and "intake" in run.stdout
