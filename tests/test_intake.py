@@ -12,6 +12,7 @@ import time
 from urllib.parse import unquote
 
 import pytest
+import redis
 import requests
 
 from demo.fragile_api import Reply
@@ -336,6 +337,38 @@ def test_redis_down_is_a_503_with_retry_after_and_the_intake_recovers(run_intake
         again = intake.post(LANE, {"url": "http://127.0.0.1:9/b"}, token=tokens["main"], key="b")
         assert again.status_code == 202, again.text
         assert "Traceback" not in intake.log()
+
+
+@pytest.mark.redis
+def test_a_batch_cut_off_by_redis_midway_says_which_callouts_were_published(run_intake, tokens):
+    with RedisServer(appendonly=False) as server:
+        intake = run_intake({**intake_env(tokens), "REDIS_URL": server.url})
+        client = redis.Redis.from_url(server.url)
+        big = {"url": "http://127.0.0.1:9/x", "json": "x" * 200_000}
+        # Given a Redis that will fill up (maxmemory, noeviction) a few messages into the batch
+        before = int(client.info("memory")["used_memory"])
+        for _ in range(2):
+            assert intake.post(LANE, big, token=tokens["main"]).status_code == 202
+        after = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", int(after + 2.5 * (after - before) / 2))
+        batch = f"/v1/lanes/{LANE}/callouts:batch"
+        # When a batch of 8 big callouts is posted and Redis answers OOM partway
+        r = intake.call("POST", batch, token=tokens["main"], json={"callouts": [big] * 8},
+                        headers={"Idempotency-Key": "cut"})
+        body = r.json()
+        # Then the answer says exactly which were published; the rest are 503s to send again
+        assert r.status_code == 202 and 1 <= body["accepted"] <= 7, body
+        codes = [it["status"] for it in body["items"]]
+        assert codes == [202] * body["accepted"] + [503] * (8 - body["accepted"]), codes
+        assert all("send it again" in it["error"] for it in body["items"] if it["status"] == 503)
+        assert client.llen(LANE) == 2 + body["accepted"]
+        # And once Redis has room again, the same batch resent publishes just the rest
+        client.config_set("maxmemory", 0)
+        again = intake.call("POST", batch, token=tokens["main"], json={"callouts": [big] * 8},
+                            headers={"Idempotency-Key": "cut"}).json()
+        assert (again["duplicates"], again["accepted"]) == (body["accepted"], 8 - body["accepted"]), again
+        assert client.llen(LANE) == 2 + 8
+        client.close()
 
 
 # -- e2e: a real worker, the fragile API ---------------------------------------------------------------------

@@ -36,7 +36,7 @@ from onelane.core.redaction import redact_kwargs
 from onelane.core.scripts import LuaScript, forget
 from onelane.core.settings import Settings
 from onelane.core.text import text
-from onelane.ops.intake.errors import IntakeError
+from onelane.ops.intake.errors import IntakeError, is_redis_down
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,15 @@ class Intake:
         for _, c, tid in keyed:
             _CLAIM.queue_on(pipe, self.client, keys=self._claim_keys(lane, c, tid),
                             args=[_pending(tid, c.fingerprint), PENDING_TTL_MS, lane, self.window_ms])
-        try:
-            replies = pipe.execute()
-        except redis.exceptions.NoScriptError:
+        replies = pipe.execute(raise_on_error=False)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
             forget(self.client)  # Redis restarted and lost its scripts: load them again, claim once more
             return self._claim_batch(lane, ready, out)
+        if errors:  # Redis refused some: give back what was claimed, and the whole batch is refused
+            self._release([(lane, c, tid) for (_, c, tid), r in zip(plain + keyed, replies)
+                           if not isinstance(r, Exception)])
+            raise errors[0]
         claimed = list(plain)
         for (i, c, tid), reply in zip(keyed, replies[len(plain):]):
             if int(reply[0]) == 1:
@@ -240,27 +244,27 @@ class Intake:
         return sorted(claimed, key=lambda r: r[0])  # published in the order of the batch
 
     def _publish_batch(self, lane, claimed, out) -> None:
-        sent: list[tuple[str, Prepared, str]] = []
-        failed_from = len(claimed)
+        sent = 0
         failure = None
         try:
             with self.app.producer_or_acquire() as producer:
-                for n, (i, c, tid) in enumerate(claimed):
-                    failed_from = n
+                for i, c, tid in claimed:
                     self._send(lane, c, tid, producer=producer)
-                    sent.append((lane, c, tid))
                     out[i] = {"index": i, "status": 202, **Accepted(tid, lane).body()}
-                failed_from = len(claimed)
-        except Exception as exc:  # Redis went away mid-batch: the rest are not published
+                    sent += 1
+        except Exception as exc:  # Redis went away (or refused) mid-batch: the rest are not published
             failure = exc
-            log.warning("onelane: intake batch for %r: %d of %d published, then %s", lane, len(sent), len(claimed), exc)
-        rest = claimed[failed_from:]
-        if rest:
-            for i, c, tid in rest:
-                out[i] = {"index": i, "status": 503, "field": None,
-                          "error": f"callouts[{i}]: not published, Redis became unavailable ({failure}); send it again"}
-            self._release([(lane, c, tid) for _, c, tid in rest])
-        self._confirm([s for s in sent if s[1].idempotency_key is not None])
+            log.warning("onelane: intake batch for %r: %d of %d published, then %s: %s", lane, sent, len(claimed),
+                        type(exc).__name__, exc, exc_info=not is_redis_down(exc))
+        rest = claimed[sent:]
+        for i, c, tid in rest:
+            down = is_redis_down(failure)
+            out[i] = {"index": i, "status": 503 if down else 500, "field": None,
+                      "error": f"callouts[{i}]: not published ({'Redis is unavailable: ' if down else ''}"
+                               f"{type(failure).__name__}); send it again"
+                               + (" in a moment" if down else " (the intake's log has the details)")}
+        self._release([(lane, c, tid) for _, c, tid in rest])
+        self._confirm([(lane, c, tid) for _, c, tid in claimed[:sent] if c.idempotency_key is not None])
 
     # -- shared ---------------------------------------------------------------------------------
     def _claim_keys(self, lane: str, c: Prepared, task_id: str) -> list[str]:

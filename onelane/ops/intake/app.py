@@ -17,8 +17,6 @@ import ipaddress
 import json
 import logging
 
-import redis
-from kombu.exceptions import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -32,7 +30,7 @@ from onelane.core.settings import Settings, get_settings
 from onelane.ops.intake import openapi
 from onelane.ops.intake.accept import Intake, status_url
 from onelane.ops.intake.auth import Auth
-from onelane.ops.intake.errors import IntakeError
+from onelane.ops.intake.errors import IntakeError, is_redis_down
 from onelane.ops.intake.state import callout_state
 from onelane.ops.intake.tokens import TokensFile
 from onelane.ops.status import lanes_overview
@@ -41,16 +39,7 @@ log = logging.getLogger(__name__)
 
 #: what a client is told to wait when Redis is down
 REDIS_RETRY_AFTER_S = 2
-#: Redis refusing for a while: an error reply that starts with one of these is a 503, not a 500
-_TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN",
-                      "CLUSTERDOWN")
 _JSON_TYPES = ("application/json",)
-
-
-def _is_redis_down(exc: BaseException) -> bool:
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OperationalError)):
-        return True
-    return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_TRANSIENT_REPLIES)
 
 
 def answer(body: dict, status: int = 200, headers: dict | None = None) -> JSONResponse:
@@ -104,7 +93,7 @@ class IntakeApp:
             except IntakeError as exc:
                 return _error_answer(exc)
             except Exception as exc:  # noqa: BLE001 - the one place that turns failures into answers
-                if _is_redis_down(exc):
+                if is_redis_down(exc):
                     return _redis_down_answer(exc, self.s)
                 log.exception("onelane: intake failed on %s %s", request.method, request.url.path)
                 return answer({"error": "the intake failed unexpectedly; nothing may have been published — "
@@ -193,8 +182,11 @@ class IntakeApp:
         rejected = len(results) - accepted - duplicates
         status = 202 if accepted else 200 if duplicates else 422
         headers = None
-        if rejected and not accepted and not duplicates and all(r["status"] == 503 for r in results):
-            status, headers = 503, {"Retry-After": str(REDIS_RETRY_AFTER_S)}
+        worst = max(r["status"] for r in results)
+        if status == 422 and worst >= 500:  # nothing accepted because Redis failed (or the intake did)
+            status = worst
+            if worst == 503:
+                headers = {"Retry-After": str(REDIS_RETRY_AFTER_S)}
         error = None
         if rejected:
             error = (f"{rejected} of {len(results)} callouts were not accepted; items[i].error says why for each "
