@@ -77,3 +77,8 @@ clean:
 relay: $(STAMP)
 	@test -n "$$ONELANE_OUTBOX_DB" || { echo "set ONELANE_OUTBOX_DB=<SQLAlchemy URL of your database> first (e.g. postgresql+psycopg://user:password@host/db)"; exit 2; }
 	$(BIN)/onelane relay
+
+# the HTTP intake on loopback, as the README shows (beyond loopback only with ONELANE_INTAKE_TOKENS_FILE)
+.PHONY: intake
+intake: $(STAMP)
+	$(BIN)/onelane intake --host 127.0.0.1 --port 8080

@@ -17,6 +17,8 @@
 8. Outbox: commit-to-API latency of single-callout transactions through the outbox relay,
    woken by PostgreSQL NOTIFY and by polling, against send_task right after the commit; and
    the relay's throughput (rows/s) against a plain send_task loop.
+9. Intake (bench/intake.py): single POSTs to `onelane intake` with keep-alive against
+   send_task — requests/s, latency p50/p99 — and POST-to-API latency on an idle lane.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from demo.fragile_api import FragileAPI, Reply  # noqa: E402
 from demo.redis_server import RedisServer  # noqa: E402
 from tests.procs import CeleryProcess, children, wait_for  # noqa: E402
+from bench.intake import report_rows as intake_rows, run as intake_bench  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -496,6 +499,8 @@ def report(res):
         t.add_row(f"outbox relay: rows/s, {tp['relay']['rows']} rows committed at once",
                   str(tp["relay"]["rows_per_s"]), f"send_task loop {tp['send_task']['rows_per_s']}",
                   f"{tp['relay']['rows_per_s'] / tp['send_task']['rows_per_s']:.2f}x")
+    for row in intake_rows(res["intake"]) if "intake" in res else []:
+        t.add_row(*row)
     console.print(t)
 
 
@@ -534,6 +539,8 @@ def main(argv=None) -> int:
     res["args"].update(outbox_calls=ob_calls, outbox_rows=ob_rows)
     console.print(f"outbox: {ob_calls} transactions three ways, {ob_rows} rows through the relay ...")
     res["outbox"] = outbox_bench(ob_calls, ob_rows)
+    console.print("intake: POSTs against send_task ...")
+    res["intake"] = intake_bench(a.quick)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

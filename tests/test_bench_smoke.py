@@ -45,4 +45,8 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     relay = ob["throughput"]["relay"]
     assert relay["queued"] == relay["rows"] == 500 and relay["rows_per_s"] > 0
     assert ob["throughput"]["send_task"]["rows_per_s"] > 0
+    intake = res["intake"]
+    assert intake["accepting"]["intake"]["statuses"] == {"202": intake["accepting"]["intake"]["requests"]}
+    assert intake["accepting"]["send_task"]["per_s"] > 0 and intake["end_to_end"]["overlaps"] == 0
     assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout
+    assert "intake" in run.stdout

@@ -26,8 +26,9 @@ THIRD_PARTY = {
     "delivery": {"redis", "celery", "kombu"},
     "callout": {"redis", "celery", "requests", "urllib3"},
     "composition": {"celery", "kombu"},
-    # sqlalchemy and psycopg (the outbox extra) only inside the functions that need them
-    "ops": {"redis", "celery", "kombu", "click", "rich", "sqlalchemy", "psycopg"},
+    # sqlalchemy and psycopg (the outbox extra) only inside the functions that need them;
+    # starlette and uvicorn: the HTTP intake only (onelane/ops/intake/, the extra onelane[intake])
+    "ops": {"redis", "celery", "kombu", "click", "rich", "sqlalchemy", "psycopg", "starlette", "uvicorn"},
     "facade": set(),
 }
 

@@ -228,3 +228,21 @@ class Keys:
     def outbox_lanes(self) -> str:
         """Hash: lane -> JSON {depth, oldest_age_ms, reported_ms, relay} written by the relay each pass."""
         return f"{self.prefix}:outbox"
+
+    # -- the HTTP intake (onelane.ops.intake)
+    def intake_claim(self, lane: str, idempotency_key: str) -> str:
+        """String: the task id an Idempotency-Key was first accepted as on a lane (JSON), for the dedupe window."""
+        return f"{self.prefix}:intake:idem:{lane}:{idempotency_key}"
+
+    def intake_task(self, task_id: str) -> str:
+        """String: the lane a callout accepted by the intake was published to, for the dedupe window."""
+        return f"{self.prefix}:intake:task:{task_id}"
+
+    def intake_rate(self, token_id: str) -> str:
+        """String: the GCRA theoretical arrival time (ms) of an intake token's request rate."""
+        return f"{self.prefix}:intake:rate:{token_id}"
+
+    @staticmethod
+    def celery_result(task_id: str) -> str:
+        """Celery's own: the result backend's record of a task (JSON with status and result)."""
+        return f"celery-task-meta-{task_id}"

@@ -122,6 +122,15 @@ class Settings:
     #: on PostgreSQL, wake on LISTEN/NOTIFY (off: poll, e.g. behind PgBouncer in transaction mode)
     outbox_listen: bool = True
 
+    # -- the HTTP intake (onelane.ops.intake)
+    #: the HTTP intake (``onelane intake``): JSON file of hashed bearer tokens (hash -> lanes, rate);
+    #: not checked here, so processes other than the intake never depend on it
+    intake_tokens_file: str = ""
+    #: the most callouts one batch request may carry
+    intake_max_batch: int = 500
+    #: the largest body of a batch request, bytes (a single callout's is ONELANE_MAX_MESSAGE_BYTES)
+    intake_max_batch_bytes: int = 16 << 20
+
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
         for name, limit in self.limits:
@@ -398,6 +407,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_ca_certs=_path(env, "ONELANE_REDIS_CA_CERTS"),
         bulk_queue=_queue_name(env, "ONELANE_BULK_QUEUE", "bulk"),
         limits=tuple(sorted(parse_limits(_limits_json(env)).items())),
+        intake_tokens_file=_get(env, "ONELANE_INTAKE_TOKENS_FILE") or "",
+        intake_max_batch=_number(env, "ONELANE_INTAKE_MAX_BATCH", 500, kind=int, low=1, high=100_000),
+        intake_max_batch_bytes=_number(env, "ONELANE_INTAKE_MAX_BATCH_BYTES", 16 << 20, kind=int, low=1024,
+                                       high=1 << 30),
         allow_eviction=_flag(env, "ONELANE_ALLOW_EVICTION", False),
         outbox_db=_database_url(env, "ONELANE_OUTBOX_DB"),
         outbox_poll_ms=_number(env, "ONELANE_OUTBOX_POLL_MS", 100, kind=int, low=1, high=60_000),

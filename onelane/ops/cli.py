@@ -615,6 +615,101 @@ def relay(db_url, once):
                                        "and is the URL right?") from None
         raise
 
+# -- the HTTP intake -------------------------------------------------------------------------------
+@main.group(invoke_without_command=True,
+            help="The HTTP intake: any platform hands callouts to a lane with one request "
+                 "(needs the extra: pip install 'onelane[intake]'). Without a subcommand, run it.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; beyond loopback only with ONELANE_INTAKE_TOKENS_FILE")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="server processes")
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="one log line per request")
+@click.pass_context
+def intake(ctx, host, port, workers, access_log):
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        from onelane.ops.intake.server import serve
+    except ImportError as exc:
+        raise click.ClickException(f"the intake needs its extra ({exc}): pip install 'onelane[intake]'") from None
+    try:
+        serve(host, port, workers=workers, access_log=access_log)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@intake.group(help="Bearer tokens of the intake, kept hashed in ONELANE_INTAKE_TOKENS_FILE.")
+def token():
+    pass
+
+
+def _tokens_file(path):
+    from onelane.ops.intake.tokens import TokensFile
+
+    try:
+        path = path or get_settings().intake_tokens_file
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not path:
+        raise click.UsageError("name the tokens file: --file PATH, or set ONELANE_INTAKE_TOKENS_FILE")
+    return TokensFile(path)
+
+
+_file_option = click.option("--file", "path", default=None, help="the tokens file (default ONELANE_INTAKE_TOKENS_FILE)")
+
+
+@token.command("add", help="Make a token for the lanes; print it once (stdout), store only its hash.")
+@click.option("--lane", "lanes", multiple=True, required=True, help="a lane it may use (repeat; '*': every lane)")
+@click.option("--rate", default=None, help="its request rate across every intake process, e.g. 100/s or 600/m")
+@click.option("--name", default="", help="a name to recognise it by (default: its id)")
+@_file_option
+def token_add(lanes, rate, name, path):
+    tokens = _tokens_file(path)
+    try:
+        secret, entry = tokens.add(list(lanes), rate=rate, name=name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(secret)
+    click.echo(f"token {entry.name!r} (id {entry.id}) for lane(s) {', '.join(sorted(entry.lanes))}"
+               f"{f', rate {entry.rate}' if entry.rate else ''} added to {tokens.path}. It is shown only now: "
+               "keep it in your secret store; the file holds its hash. A running intake picks it up within a second.",
+               err=True)
+
+
+@token.command("list", help="The tokens in the file (names, ids, lanes, rates; never the tokens).")
+@_file_option
+def token_list(path):
+    tokens = _tokens_file(path)
+    try:
+        entries = tokens.entries()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not entries:
+        console.print(f"no tokens in {tokens.path}")
+        return
+    t = Table(title=f"intake tokens in {tokens.path}")
+    for col in ("name", "id", "lanes", "rate", "created"):
+        t.add_column(col)
+    for e in entries.values():
+        t.add_row(e.name, e.id, ", ".join(sorted(e.lanes)), e.rate or "-", e.created)
+    console.print(t)
+
+
+@token.command("revoke", help="Remove the token with this name or id; a running intake refuses it within a second.")
+@click.argument("name_or_id")
+@_file_option
+def token_revoke(name_or_id, path):
+    tokens = _tokens_file(path)
+    try:
+        gone = tokens.revoke(name_or_id)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not gone:
+        raise click.ClickException(f"no token named {name_or_id!r} or with that id in {tokens.path}; "
+                                   "see `onelane intake token list`")
+    for e in gone:
+        console.print(f"revoked {e.name!r} (id {e.id})")
+
 
 if __name__ == "__main__":
     sys.exit(main())
