@@ -10,6 +10,7 @@ import time
 import pytest
 
 from onelane.core.keys import Keys
+from onelane.delivery import flow
 from onelane.ops.batches import batch_status, submit_many
 from tests import procs
 from tests.procs import wait_for
@@ -40,10 +41,10 @@ def wait_batch(client, batch_id, timeout_s):
 def unfinished(client) -> dict:
     """Where the messages without a recorded outcome are: queued, unacked (and whose), in flight."""
     where = {}
-    for queue in (b"bulk", b"serial"):
-        for raw in client.lrange(queue, 0, -1):
+    for queue in ("bulk", "serial"):
+        for raw in flow.waiting(client, KEYS, queue):
             task_id = json.loads(raw)["headers"]["id"]
-            where[task_id] = f"queued in {queue.decode()}"
+            where[task_id] = f"queued in {queue}"
     reserved = {t.decode(): o.decode()[:8] for t, o in client.hgetall(KEYS.reserved("bulk")).items()}
     for tag, raw in client.hgetall(b"unacked").items():
         task_id = json.loads(raw)[0]["headers"]["id"]

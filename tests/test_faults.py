@@ -17,6 +17,7 @@ from demo.fragile_api import Reply
 from demo.redis_server import RedisServer
 from onelane.coordination.lease import Lease
 from onelane.core.keys import Keys
+from onelane.delivery import flow
 from tests import procs
 from tests.procs import wait_for
 
@@ -152,6 +153,7 @@ def test_second_worker_refused_and_standby_takes_over(base_env, redis_client, ap
 _HOLDER = """
 import sys, time, redis
 from onelane.core.keys import Keys
+from onelane.delivery import flow
 from onelane.coordination.lease import Lease
 c = redis.Redis.from_url(sys.argv[1])
 g = Lease(c, sys.argv[2], keys=Keys()).try_acquire("zombie-token", ttl_ms=int(sys.argv[3]))
@@ -205,15 +207,14 @@ def test_beat_killed_and_doubled_requeues_once_loses_nothing(base_env, redis_cli
     # kill the worker mid-callout and leave the queue without a worker: only the beats act
     w1.kill9(whole=True)
 
-    def requeued():
-        items = redis_client.lrange("serial", 0, -1)
-        return any(json.loads(i)["headers"]["id"] == r1.id for i in items)
+    def waiting_ids():  # the queue, head first: its ready list, then kombu's list
+        return [json.loads(i)["headers"]["id"] for i in flow.waiting(redis_client, KEYS, "serial")]
 
-    wait_for(requeued, 30, what="the orphan to be requeued by a beat")
+    wait_for(lambda: r1.id in waiting_ids(), 30, what="the orphan to be requeued by a beat")
     time.sleep(1.5)  # both beats get several more passes
-    ids = [json.loads(i)["headers"]["id"] for i in redis_client.lrange("serial", 0, -1)]
+    ids = waiting_ids()
     assert ids.count(r1.id) == 1, "requeued twice"
-    assert ids[-1] == r1.id, "not at the head (BRPOP takes from the right)"
+    assert ids[0] == r1.id, "not at the head"
     assert redis_client.hlen("unacked") == 0
     start(procs.worker(env, "w2"))
     for r in [r1, *later]:
@@ -313,9 +314,10 @@ def test_worker_killed_while_fetching_loses_nothing(base_env, redis_client, api,
                          queue=queue).get(timeout=30)
     [(fetch_list, owner)] = redis_client.hgetall(KEYS.fetch_lists).items()
     assert json.loads(owner)["queue"] == queue
-    # When it is frozen, a callout arrives (Redis moves it to the worker at once), and the
-    # worker is killed before it ever reads it: with kombu's own BRPOP fetch this message
-    # would be gone from Redis for good
+    # When it is frozen, a callout arrives (Redis answers the worker's blocked fetch at once), and
+    # the worker is killed before it ever reads the answer: with kombu's own BRPOP fetch this
+    # message would be gone from Redis for good; onelane's blocked fetch only says "something
+    # came" (BLMOVE q q, a rotation of one), the message stays where it is
     def idle_in_fetch():
         blocked = [c for c in redis_client.client_list() if c["cmd"] == "blmove" and "b" in c["flags"]]
         return blocked and redis_client.hlen("unacked") == 0
@@ -323,12 +325,11 @@ def test_worker_killed_while_fetching_loses_nothing(base_env, redis_client, api,
     os.killpg(w1.pid, signal.SIGSTOP)
     r = celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/x", "idempotency_key": "x"},
                              queue=queue)
-    wait_for(lambda: redis_client.llen(fetch_list) == 1, 10, what="the callout to reach the worker's fetch list")
-    assert redis_client.llen(queue) == 0 and redis_client.hlen("unacked") == 0
+    wait_for(lambda: not idle_in_fetch(), 10, what="Redis to answer the worker's blocked fetch")
+    assert redis_client.llen(queue) == 1 and redis_client.hlen("unacked") == 0
     w1.kill9(whole=True)
     killed_at = time.time()
-    # Then the next worker (serial: on taking the guard; bulk: the reaper in beat, once the dead
-    # worker's presence lapses) puts it back at the head, and it runs exactly once
+    # Then the next worker takes it, and it runs exactly once
     start(procs.worker(env, "w2", queue=queue, extra=extra))
     if queue == "bulk":
         start(procs.beat(env))

@@ -161,29 +161,6 @@ def test_serial_fetch_list_of_a_worker_without_the_guard_goes_back(redis_client,
     assert redis_client.llen("serial") == 1
 
 
-@pytest.mark.redis
-def test_a_fetch_given_back_meanwhile_is_not_claimed(redis_client, celery_app):
-    from onelane.delivery.fetching import claim
-
-    def claim_it(item) -> bool:
-        message = json.loads(item)
-        tag = message["properties"]["delivery_tag"]
-        claimed, _replicated = claim(redis_client, fetch_list=KEYS.fetch_list("bulk", "cut-off"), item=item,
-                                     delivery_tag=tag, unacked=json.dumps([message, "bulk", "bulk"]))
-        return claimed
-
-    task_id, item = fetch(redis_client, celery_app, "bulk", "cut-off")
-    assert run_reaper(redis_client).requeued == [task_id]  # the worker was cut off too long
-    assert claim_it(item) is False
-    assert redis_client.hlen(KOMBU_UNACKED) == 0 and redis_client.llen("bulk") == 1
-    # while a fetch still in its list is claimed: unacked and out of the list in one step
-    _task_id, item2 = fetch(redis_client, celery_app, "bulk", "cut-off")
-    tag2 = json.loads(item2)["properties"]["delivery_tag"]
-    assert claim_it(item2) is True
-    assert redis_client.hexists(KOMBU_UNACKED, tag2) and redis_client.zscore(KOMBU_UNACKED_INDEX, tag2)
-    assert redis_client.llen(KEYS.fetch_list("bulk", "cut-off")) == 0
-
-
 @pytest.mark.unit
 @pytest.mark.parametrize("version, ok", [("7.0.15", True), ("6.2.0", True), ("6.0.16", False),
                                          ("5.0.7", False), ("255.255.255", True)])

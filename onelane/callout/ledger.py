@@ -10,30 +10,11 @@ idempotency key is allowed to run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from onelane.core.keys import Keys
+from onelane.core.outcome import FAILURE, SUCCESS, Outcome, count_batch_outcome  # noqa: F401 (re-exported)
 from onelane.core.text import text
 from onelane.delivery.inflight import Inflight
-
-SUCCESS, FAILURE = "success", "failure"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: str  # SUCCESS or FAILURE
-    task_id: str
-    result: dict | None = None
-    error: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps({"status": self.status, "task_id": self.task_id, "result": self.result,
-                           "error": self.error})
-
-    @classmethod
-    def from_json(cls, raw) -> "Outcome":
-        d = json.loads(raw)
-        return cls(d["status"], d["task_id"], d.get("result"), d.get("error"))
 
 
 class Ledger:
@@ -54,13 +35,18 @@ class Ledger:
         if own:
             pipe.execute()
 
-    def record_failure(self, *, task_id: str, queue: str, error: str, dead_letter: dict, now_ms: int) -> None:
+    def record_failure(self, *, task_id: str, queue: str, error: str, dead_letter: dict, now_ms: int,
+                       also=None) -> None:
+        """Record a failure for good and its dead letter; ``also(pipe)`` queues more writes on the same
+        transaction (the outcomes of the task ids a coalesced callout carried)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.done(task_id), Outcome(FAILURE, task_id, error=error).to_json(), ex=self.window_s)
         pipe.hset(self.keys.dead_letters(queue), task_id, json.dumps(dead_letter))
         pipe.zadd(self.keys.dead_letter_index(queue), {task_id: now_ms})
         self._stats(pipe, queue, FAILURE, task_id, now_ms)
         Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
+        if also is not None:
+            also(pipe)
         pipe.execute()
 
     def add_attempt(self, task_id: str, info: dict, pipe=None) -> None:
@@ -96,7 +82,6 @@ class Ledger:
     def _stats(self, pipe, queue, status, task_id, now_ms):
         pipe.zadd(self.keys.stats(queue, status), {task_id: now_ms})
 
-
     def dead_letters(self, queue: str) -> list[dict]:
         """Every dead-letter entry of the queue, oldest first."""
         ids = self.client.zrange(self.keys.dead_letter_index(queue), 0, -1)
@@ -104,10 +89,3 @@ class Ledger:
             return []
         raws = self.client.hmget(self.keys.dead_letters(queue), ids)
         return [json.loads(r) for r in raws if r is not None]
-
-
-def count_batch_outcome(pipe, keys: Keys, batch_id: str, field: str, *, now_ms: int) -> None:
-    """Count one outcome of a batch (``field``: done, failed or dead_lettered) and when it came,
-    queued on ``pipe`` (or run on a client)."""
-    pipe.hincrby(keys.batch(batch_id), field, 1)
-    pipe.hset(keys.batch(batch_id), "last_ms", now_ms)

@@ -34,7 +34,7 @@ from celery.exceptions import Ignore
 from onelane.callout import credentials, http
 from onelane.callout.classify import Reply, RetryPolicy, Verdict
 from onelane.callout.egress import EgressPolicy
-from onelane.callout.ledger import FAILURE, Ledger, Outcome, count_batch_outcome
+from onelane.callout.ledger import FAILURE, SUCCESS, Ledger, Outcome, count_batch_outcome
 from onelane.callout.permit import Permit, permit_for
 from onelane.callout.result import attempt_entry, dead_letter_entry, storable, success_result
 from onelane.callout.validation import CalloutRequest, validate
@@ -48,7 +48,7 @@ from onelane.core.redaction import redact_url
 from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
-from onelane.delivery import flow
+from onelane.delivery import coalescing, flow
 from onelane.delivery.inflight import Inflight, InflightRecord, requeue_at_head
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,24 @@ class Attempt:
     circuit_clean: bool = False
 
 
+@dataclass(frozen=True)
+class Coalescing:
+    """A callout with a coalesce key: its key, and the task ids it carries."""
+
+    key: str
+    carried: list
+
+    def queue_end(self, pipe, s: Settings, client, keys: Keys, delivery: Delivery, *, status: str,
+                  result: dict | None, error: str | None, now_ms: int) -> None:
+        """Queue, on the transaction recording the callout's outcome, the same outcome for every id
+        it carried, and the end of its hold on its key (parked callouts go back to the head)."""
+        if self.carried:
+            coalescing.queue_carried_outcomes(pipe, keys, self.carried, carrier=delivery.task_id, status=status,
+                                              result=result, error=error, window_s=s.dedupe_window_s,
+                                              result_expires_s=s.result_expires_s, now_ms=now_ms)
+        coalescing.queue_release(pipe, client, keys, queue=delivery.queue, key=self.key, task_id=delivery.task_id)
+
+
 class CalloutRun:
     """One run of one callout message, from its check to its recorded outcome."""
 
@@ -146,6 +164,8 @@ class CalloutRun:
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
         self._said_circuit_open = False
+        #: the task ids this callout carries (coalescing), read before each attempt
+        self.carried: list[dict] = []
 
     # -- begin ------------------------------------------------------------------------------
     @classmethod
@@ -188,6 +208,9 @@ class CalloutRun:
         pipe.exists(self.keys.paused(d.queue))
         pipe.hgetall(self.keys.circuit(self.resource))
         pipe.time()
+        keyed = self.request.coalesce_key is not None
+        if keyed:  # the ids it carries: fixed once a worker took it
+            pipe.hget(self.keys.coalesce_carried(d.queue), d.task_id)
         ahead = self.permits.speculate(pipe, record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms)
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
             # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
@@ -199,7 +222,10 @@ class CalloutRun:
             forget(self.client)
             return self._preflight(token)
         done_raw, idem_hit, finished, paused, circuit_raw, now = replies[:6]
-        grant = self.permits.speculated(replies[6:6 + ahead], token=token) if ahead else None
+        if keyed:
+            self.carried = coalescing.carried_of(replies[6])
+        first = 7 if keyed else 6
+        grant = self.permits.speculated(replies[first:first + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
         prior = None
         if self._first_read:
@@ -242,6 +268,8 @@ class CalloutRun:
         """The recorded result of a callout that already ran; a recorded failure is raised again."""
         log.info("onelane: %s already has a recorded outcome (%s); not calling the API again",
                  self.task_id, prior.status)
+        if self.request.coalesce_key is not None:  # an outcome whose coalescing was not finished (a kill)
+            self._redis(lambda: self._finish_coalescing(prior.status, result=prior.result, error=prior.error))
         if prior.status == FAILURE:
             raise CalloutFailed(prior.error or "failed earlier")
         return prior.result
@@ -373,6 +401,7 @@ class CalloutRun:
             store_result(done, result)
         if d.batch:
             count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
+        self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         try:
             done.execute()
         except redis.exceptions.NoScriptError:
@@ -381,6 +410,7 @@ class CalloutRun:
             self.permits.release(attempt.grant)
             if not attempt.circuit_clean:
                 self.circuit.record(ok=True)
+            self._release_key()
         attempt.released = True
         return result
 
@@ -416,7 +446,8 @@ class CalloutRun:
 
         def write():
             self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
-                                                    self.stored_kwargs, error=error, kind="failed", attempts=attempts))
+                                                    self.stored_kwargs, error=error, kind="failed", attempts=attempts,
+                                                    coalesce=self._coalescing()))
 
         write()
         self.replicas.ensure(self.client, self.keys.replication_probe, what=f"the dead letter of {self.task_id}",
@@ -430,6 +461,34 @@ class CalloutRun:
                                             task_id=d.task_id))
         log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
         return Ignore()
+
+    # -- coalescing ------------------------------------------------------------------------------
+    def _coalescing(self) -> "Coalescing | None":
+        key = self.request.coalesce_key
+        return None if key is None else Coalescing(key, self.carried)
+
+    def _queue_coalescing_end(self, pipe, status: str, *, result: dict | None, error: str | None,
+                              now_ms: int) -> None:
+        """Queue, on the outcome's transaction, the outcomes of the ids this callout carried and
+        the end of its hold on its coalesce key."""
+        c = self._coalescing()
+        if c is not None:
+            c.queue_end(pipe, self.settings, self.client, self.keys, self.delivery, status=status, result=result,
+                        error=error, now_ms=now_ms)
+
+    def _finish_coalescing(self, status: str, *, result: dict | None, error: str | None) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        self._queue_coalescing_end(pipe, status, result=result, error=error, now_ms=redis_now_ms(self.client))
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:
+            forget(self.client)
+            self._release_key()
+
+    def _release_key(self) -> None:
+        if self.request.coalesce_key is not None:
+            coalescing.release(self.client, self.keys, queue=self.delivery.queue, key=self.request.coalesce_key,
+                               task_id=self.task_id)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _defer_or_sleep(self, wait_s: float, why: str) -> None:
@@ -482,19 +541,36 @@ def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: Va
     if args:
         stored = {**stored, "args": [repr(a)[:200] for a in args]}
     log.warning("onelane: rejected %s: %s (dead-lettered, the API was not called)", delivery.task_id, exc)
-    client = client_for(s)
-    _record_dead_letter(s, client, Keys(s.key_prefix), delivery, stored, error=str(exc), kind="invalid",
-                        attempts=[])
+    client, keys = client_for(s), Keys(s.key_prefix)
+    key = kwargs.get(coalescing.ARGUMENT) if isinstance(kwargs, dict) else None
+    coalesce = None
+    if coalescing.coalesce_key_problem(key) is None:  # the fetch honoured its key: end its hold
+        coalesce = Coalescing(key, coalescing.carried_of(client.hget(keys.coalesce_carried(delivery.queue),
+                                                                     delivery.task_id)))
+    _record_dead_letter(s, client, keys, delivery, stored, error=str(exc), kind="invalid", attempts=[],
+                        coalesce=coalesce)
     return CalloutRejected(f"{exc}; the API was not called and the task is dead-lettered")
 
 
 def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, stored: dict, *, error: str,
-                        kind: str, attempts: list) -> None:
+                        kind: str, attempts: list, coalesce: "Coalescing | None" = None) -> None:
     entry = dead_letter_entry(delivery.task_id, delivery.queue, stored, reason=error, kind=kind,
                               attempts=attempts, batch=delivery.batch)
     now_ms = redis_now_ms(client)
-    Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
-        task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms)
+
+    def also(pipe) -> None:
+        if coalesce is not None:
+            entry["carried"] = [c["id"] for c in coalesce.carried]
+            coalesce.queue_end(pipe, s, client, keys, delivery, status=FAILURE, result=None, error=error,
+                               now_ms=now_ms)
+
+    try:
+        Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
+            task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms, also=also)
+    except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): the writes went through
+        forget(client)
+        if coalesce is not None:
+            coalescing.release(client, keys, queue=delivery.queue, key=coalesce.key, task_id=delivery.task_id)
     if delivery.batch:
         count_batch_outcome(client, keys, delivery.batch, "failed" if kind == "invalid" else "dead_lettered",
                             now_ms=now_ms)

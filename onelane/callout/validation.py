@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from onelane.core.errors import ValidationError
 from onelane.core.redaction import redact_url
 from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S, QUEUE_NAME_RE
+from onelane.delivery.coalescing import coalesce_key_problem
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 #: headers onelane sets itself on every request
@@ -24,7 +25,7 @@ TRANSPORT_HEADERS = ("host", "connection", "keep-alive", "proxy-connection", "tr
                      "trailer", "upgrade", "content-length", "expect")
 ARGUMENTS = (
     "url", "method", "json", "data", "headers", "params", "timeout", "resource", "idempotency_key",
-    "retry_on",
+    "retry_on", "coalesce_key",
 )
 MAX_KEY_LENGTH = 200
 MAX_HEADERS = 50
@@ -48,6 +49,8 @@ class CalloutRequest:
     resource: str | None = None
     idempotency_key: str | None = None
     retry_on: tuple | None = None
+    #: callouts with one key on one queue coalesce while they wait (onelane.delivery.coalescing)
+    coalesce_key: str | None = None
 
     def as_kwargs(self) -> dict:
         """The normalised keyword arguments, as they travel in the message."""
@@ -68,6 +71,8 @@ class CalloutRequest:
             out["idempotency_key"] = self.idempotency_key
         if self.retry_on is not None:
             out["retry_on"] = list(self.retry_on)
+        if self.coalesce_key is not None:
+            out["coalesce_key"] = self.coalesce_key
         return out
 
 
@@ -103,6 +108,7 @@ def validate(kwargs: Mapping[str, Any], *, max_bytes: int | None = None) -> Call
     resource = _resource(kwargs.get("resource"))
     key = _key(kwargs.get("idempotency_key"))
     retry_on = _retry_on(kwargs.get("retry_on"))
+    coalesce_key = _coalesce_key(kwargs.get("coalesce_key"))
     size = check_payload(kwargs)
     if max_bytes is not None and size > max_bytes:
         raise ValidationError(
@@ -110,7 +116,7 @@ def validate(kwargs: Mapping[str, Any], *, max_bytes: int | None = None) -> Call
     return CalloutRequest(
         url=url, method=method, json=kwargs.get("json") if has_json else None, has_json=has_json,
         data=data, headers=headers, params=params, timeout_s=timeout_s, resource=resource,
-        idempotency_key=key, retry_on=retry_on,
+        idempotency_key=key, retry_on=retry_on, coalesce_key=coalesce_key,
     )
 
 
@@ -232,6 +238,15 @@ def _key(key) -> str | None:
         raise ValidationError("idempotency_key", "must not contain line breaks")
     if not _latin1(key):
         raise ValidationError("idempotency_key", "is sent as a header, so it may only hold Latin-1 characters")
+    return key
+
+
+def _coalesce_key(key) -> str | None:
+    if key is None:
+        return None
+    problem = coalesce_key_problem(key)
+    if problem is not None:
+        raise ValidationError("coalesce_key", problem)
     return key
 
 

@@ -119,6 +119,39 @@ class Keys:
         """Hash: fetch list key -> JSON {queue, token} of every consuming worker."""
         return f"{self.prefix}:fetching"
 
+    # -- the ready list and coalescing (see onelane.delivery.coalescing)
+    def ready(self, queue: str) -> str:
+        """List: the head of ``queue``, taken off kombu's list by a worker's fetch (oldest at the right)."""
+        return f"{self.prefix}:ready:{queue}"
+
+    def coalesce_waiting(self, queue: str) -> str:
+        """Hash: coalesce key -> task id of the callout with that key waiting to start (its carrier)."""
+        return f"{self.prefix}:coalesce:waiting:{queue}"
+
+    def coalesce_newest(self, queue: str) -> str:
+        """Hash: carrier task id -> JSON {body, carried: [{id, batch}]}: the newest arguments it will send."""
+        return f"{self.prefix}:coalesce:newest:{queue}"
+
+    def coalesce_started(self, queue: str) -> str:
+        """Hash: coalesce key -> JSON {id, tag, at} of the callout with that key taken and not yet finished."""
+        return f"{self.prefix}:coalesce:started:{queue}"
+
+    def coalesce_parked(self, queue: str) -> str:
+        """Hash: coalesce key -> JSON list of messages taken while that key's callout was running."""
+        return f"{self.prefix}:coalesce:parked:{queue}"
+
+    def coalesce_carried(self, queue: str) -> str:
+        """Hash: task id of a started carrier -> JSON [{id, batch}] of the task ids it carries."""
+        return f"{self.prefix}:coalesce:carried:{queue}"
+
+    def coalesce_key_of(self, queue: str) -> str:
+        """Hash: task id -> its coalesce key, from the moment a fetch reads it to its outcome."""
+        return f"{self.prefix}:coalesce:keys:{queue}"
+
+    def coalesce_counts(self, queue: str) -> str:
+        """Hash: counters of coalescing on ``queue`` (coalesced: task ids carried by another)."""
+        return f"{self.prefix}:coalesce:counts:{queue}"
+
     # -- in-flight registry
     def inflight(self, task_id: str) -> str:
         """Hash: the record of a callout whose attempt is under way."""

@@ -46,13 +46,17 @@ class LuaScript:
         If Redis lost its script cache (a restart) the pipeline raises NoScriptError: call
         :func:`forget` and run the script directly, which loads it again.
         """
+        pipe.evalsha(self.loaded_sha(client), len(keys), *keys, *args)
+
+    def loaded_sha(self, client) -> str:
+        """The script's SHA, loaded into ``client``'s server first if this process has not yet."""
         s = self.registered(client)
         loaded = _LOADED.setdefault(client, set())
         key = (self.package, self.name)
         if key not in loaded:
             s.sha = client.script_load(s.script)
             loaded.add(key)
-        pipe.evalsha(s.sha, len(keys), *keys, *args)
+        return s.sha
 
 
 def forget(client) -> None:

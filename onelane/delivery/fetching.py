@@ -1,46 +1,91 @@
-"""Fetch lists: where a worker's message sits between leaving the queue and being unacked.
+"""The fetch of an onelane queue, as Redis steps; the worker side is :mod:`onelane.delivery.transport`.
 
-The worker side is :mod:`onelane.delivery.transport` (kombu glue); these are the Redis steps it and
-the reaper share, each one script (``lua/fetch_claim.lua``, ``lua/fetch_return.lua``).
+A queue is two lists: its *ready list* (``Keys.ready``), then kombu's list, where producers
+append. One script (``lua/fetch_next.lua``) moves what arrived in kombu's list to the ready
+list, where callouts sharing a coalesce key coalesce (:mod:`onelane.delivery.coalescing`), and
+takes the head of the ready list, recording it as unacked in the same step: a message is never
+off both lists without being unacked. Reading a message's key is Python's part (cheap, in the
+worker); the script checks that what it absorbs is still exactly what was read.
+
+A worker's *fetch list* holds only a message the script could not read (handed to the worker to
+dead-letter) or what an older onelane left there; the worker gives its own back when it
+(re)connects, the reaper those of a worker that is gone (``lua/fetch_return.lua``).
 """
 from __future__ import annotations
 
 import json
 import time
 
-from redis.exceptions import NoScriptError
+from dataclasses import dataclass
 
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
-from onelane.core.replication import Replicas
 from onelane.core.scripts import LuaScript, forget
+from onelane.delivery.coalescing import arrival
 from onelane.delivery.messages import parse_queued, task_id_of
 
-_CLAIM = LuaScript(__package__, "fetch_claim")
+_NEXT = LuaScript(__package__, "fetch_next")
 _RETURN = LuaScript(__package__, "fetch_return")
 
+#: messages of kombu's list read (and checked for a coalesce key) per round trip
+DRAIN_BATCH = 200
+#: at most this many are moved to the ready list before a fetch takes one (the rest: next fetch)
+DRAIN_BUDGET = 2000
 
-def claim(client, *, fetch_list: str, item: bytes, delivery_tag: str, unacked: str,
-          replicas: Replicas = Replicas()) -> tuple[bool, bool]:
-    """Record a fetched message as unacked and take it out of the fetch list, in one step.
 
-    Returns (claimed, replicated): not claimed if the message is no longer in the fetch list
-    (given back to its queue while the worker was cut off) — the worker must not deliver it;
-    not replicated when fewer replicas than required confirmed the claim in time.
-    """
-    keys = [fetch_list, KOMBU_UNACKED, KOMBU_UNACKED_INDEX]
-    args = [item, delivery_tag, unacked, time.time()]
-    if replicas.needed <= 0:
-        return bool(_CLAIM(client, keys=keys, args=args)), True
-    pipe = client.pipeline(transaction=False)
-    _CLAIM.queue_on(pipe, client, keys=keys, args=args)
-    replicas.queue_wait(pipe)
-    try:
-        claimed, *confirmed = pipe.execute()
-    except NoScriptError:
+@dataclass(frozen=True)
+class Step:
+    """What a fetch step came back with: ``msg`` (``message`` is taken and unacked), ``drain`` (read
+    ``drained`` — kombu's oldest, newest first — and absorb them), ``empty``, or ``bad`` (``message``
+    is unreadable, now in the fetch list)."""
+
+    kind: str
+    message: bytes | None = None
+    drained: tuple = ()
+
+    @classmethod
+    def of(cls, reply) -> "Step":
+        kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+        if kind == "drain":
+            return cls(kind, drained=tuple(reply[1]))
+        return cls(kind, message=reply[1] if len(reply) > 1 else None)
+
+
+class QueueFetch:
+    """The fetch steps of one worker on one queue (the script's keys, built once)."""
+
+    def __init__(self, keys: Keys, queue: str, fetch_list: str):
+        self.queue = queue
+        self.fetch_list = fetch_list
+        self.keys = [keys.queue_list(queue), keys.ready(queue), KOMBU_UNACKED, KOMBU_UNACKED_INDEX,
+                     keys.coalesce_waiting(queue), keys.coalesce_started(queue), keys.coalesce_parked(queue),
+                     keys.coalesce_newest(queue), keys.coalesce_carried(queue), keys.coalesce_key_of(queue),
+                     keys.coalesce_counts(queue), fetch_list]
+
+    def take_command(self, client) -> list:
+        """The EVALSHA of a take, to send on the fetch connection (its reply: :meth:`Step.of`).
+        Loads the script through ``client`` first if it has not (a NOSCRIPT reply: :meth:`load`)."""
+        sha = _NEXT.loaded_sha(client)
+        return ["EVALSHA", sha, len(self.keys), *self.keys, *self._args("take", drain_first=True)]
+
+    @staticmethod
+    def load(client) -> None:
+        """Load the script into Redis's cache again (after a NOSCRIPT reply: a restart emptied it)."""
         forget(client)
-        return claim(client, fetch_list=fetch_list, item=item, delivery_tag=delivery_tag, unacked=unacked,
-                     replicas=replicas)
-    return bool(claimed), replicas.confirmed(confirmed)
+        _NEXT.loaded_sha(client)
+
+    def absorb(self, client, drained, *, drain_first: bool) -> Step:
+        """Move ``drained`` (as a step read them: newest first) to the ready list, coalescing, then
+        take the head (or read more first, with ``drain_first``). A message another worker took
+        meanwhile is not absorbed twice: the script checks the list still ends with them."""
+        oldest_first = list(reversed(drained))
+        args = [*self._args("absorb", drain_first=drain_first), len(oldest_first)]
+        for message in oldest_first:
+            args += arrival(message).script_args(message)
+        return Step.of(_NEXT(client, keys=self.keys, args=args))
+
+    def _args(self, mode: str, *, drain_first: bool) -> list:
+        now = time.time()
+        return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0"]
 
 
 def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) -> list[bytes]:
@@ -49,7 +94,8 @@ def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) 
     With ``forget`` the fetch list is also dropped from the index (its worker is gone).
     Returns the messages moved. Atomic: each message moves once.
     """
-    return _RETURN(client, keys=[fetch_list, queue, keys.fetch_lists], args=["1" if forget else "0"])
+    return _RETURN(client, keys=[fetch_list, queue, keys.fetch_lists, keys.ready(queue)],
+                   args=["1" if forget else "0"])
 
 
 def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> list[str]:

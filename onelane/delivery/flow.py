@@ -14,6 +14,7 @@ import time
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, PRIORITY_LEVELS, Keys
 from onelane.core.scripts import LuaScript
 from onelane.core.text import text
+from onelane.delivery import coalescing
 from onelane.delivery.messages import mark_redelivered
 
 _DEFER = LuaScript(__package__, "defer")
@@ -95,9 +96,30 @@ def absorb_priorities(client, keys: Keys, queue: str, *, limit: int = 100, pipe=
 
 
 def depth(client, keys: Keys, queue: str) -> int:
-    """Messages waiting in the queue, those published with a priority included."""
+    """Messages waiting in the queue: its ready list and kombu's list, those published with a
+    priority, and those parked behind their coalesce key's running callout."""
     pipe = client.pipeline(transaction=False)
+    pipe.llen(keys.ready(queue))
     pipe.llen(keys.queue_list(queue))
     for level in PRIORITY_LEVELS:
         pipe.llen(keys.priority_list(queue, level))
-    return sum(pipe.execute())
+    return sum(pipe.execute()) + coalescing.parked_count(client, keys, queue)
+
+
+def head(client, keys: Keys, queue: str):
+    """The message at the head of the queue (raw), or None: the ready list's, else kombu's."""
+    pipe = client.pipeline(transaction=False)
+    pipe.lindex(keys.ready(queue), -1)
+    pipe.lindex(keys.queue_list(queue), -1)
+    ready, queued = pipe.execute()
+    return ready if ready is not None else queued
+
+
+def waiting(client, keys: Keys, queue: str) -> list:
+    """Every message of the ready list and kombu's list, head first (raw). Reads the whole queue:
+    for tests and small queues, not for a hot path."""
+    pipe = client.pipeline(transaction=False)
+    pipe.lrange(keys.ready(queue), 0, -1)
+    pipe.lrange(keys.queue_list(queue), 0, -1)
+    ready, queued = pipe.execute()
+    return [*reversed(ready), *reversed(queued)]

@@ -146,7 +146,7 @@ def requeue_at_head(client, keys: Keys, *, queue: str, delivery_tag: str, task_i
         res = Requeue.of(_REQUEUE(
             client,
             keys=[KOMBU_UNACKED, KOMBU_UNACKED_INDEX, keys.queue_list(queue), keys.inflight(task_id),
-                  keys.inflight_index(queue), keys.reserved(queue)],
+                  keys.inflight_index(queue), keys.reserved(queue), keys.ready(queue)],
             args=[delivery_tag, text(raw), payload, task_id, expect_owner,
                   "1" if unclaimed else ""],
         ))

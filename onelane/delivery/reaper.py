@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 from onelane.coordination.lease import Lease
 from onelane.core.clock import redis_now_ms
-from onelane.core.keys import STATS_KEEP_MS, STATS_OUTCOMES, Keys
+from onelane.core.keys import KOMBU_UNACKED, STATS_KEEP_MS, STATS_OUTCOMES, Keys
 from onelane.core.text import text
-from onelane.delivery import registry
+from onelane.delivery import coalescing, registry
 from onelane.delivery.flow import absorb_priorities, promote_due
 from onelane.delivery.recovery import RecoveryReport, presence_alive, requeue_orphans, requeue_reserved_orphans
 
@@ -24,16 +24,18 @@ log = logging.getLogger(__name__)
 class ReapReport(RecoveryReport):
     zombie_leases: list[str] = field(default_factory=list)
     promoted: int = 0
+    freed_keys: list[str] = field(default_factory=list)
     queues: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.zombie_leases or self.requeued or self.dropped_records or self.promoted)
+        return bool(self.zombie_leases or self.requeued or self.dropped_records or self.promoted or self.freed_keys)
 
     def summary(self) -> str:
         return (f"{len(self.zombie_leases)} zombie lease(s) cleared, {len(self.requeued)} orphan(s) requeued "
                 f"at the head, {len(self.dropped_records)} stale record(s) dropped, "
                 f"{len(self.waiting)} orphan(s) waiting for their deadline, "
-                f"{self.promoted} delayed or prioritised message(s) moved to their queue")
+                f"{self.promoted} delayed or prioritised message(s) moved to their queue"
+                + (f", {len(self.freed_keys)} stale coalesce key(s) freed" if self.freed_keys else ""))
 
 
 def reap(client, keys: Keys, *, lanes: list[str], bulk_queues: list[str], margin_ms: int,
@@ -67,7 +69,30 @@ def reap_everything(client, keys: Keys, settings, *, only: str | None = None) ->
     if only is not None:
         is_bulk = only == settings.bulk_queue or only in bulks
         lanes, bulks = ([], [only]) if is_bulk else ([only], [])
-    return reap(client, keys, lanes=lanes, bulk_queues=bulks, margin_ms=settings.guard_ttl_ms)
+    report = reap(client, keys, lanes=lanes, bulk_queues=bulks, margin_ms=settings.guard_ttl_ms)
+    for queue in [*lanes, *bulks]:
+        report.freed_keys += _free_stale_keys(client, keys, settings, queue)
+    return report
+
+
+def _free_stale_keys(client, keys: Keys, settings, queue: str) -> list[str]:
+    """Coalesce keys held by a callout taken longer ago than any callout may stay unacknowledged,
+    and held nowhere now (purged, or lost): freed, so the callouts parked behind them go on. A
+    paused queue is left alone (its callouts wait at the head, legitimately, as long as it takes)."""
+    if client.exists(keys.paused(queue)):
+        return []
+
+    def is_held(task_id: str, tag: str) -> bool:
+        return bool((tag and client.hexists(KOMBU_UNACKED, tag))
+                    or client.zscore(keys.inflight_index(queue), task_id) is not None)
+
+    freed = coalescing.release_stale(client, keys, queue=queue, stale_after_ms=settings.longest_unacked_s() * 1000,
+                                     now_ms=redis_now_ms(client), window_s=settings.dedupe_window_s,
+                                     result_expires_s=settings.result_expires_s, is_held=is_held)
+    for key in freed:
+        log.warning("onelane: reaper freed coalesce key %r of %r: its callout was taken long ago and is held "
+                    "nowhere (purged or lost); the ids it carried end FAILURE", key, queue)
+    return freed
 
 
 def _trim_stats(client, keys: Keys, queue: str, *, now_ms: int) -> None:

@@ -11,6 +11,7 @@ working on it) unless ONELANE_RELEASE_DEAD_HOLDER=1 says the API aborts on disco
 from __future__ import annotations
 
 import logging
+import time
 
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
@@ -20,6 +21,7 @@ from onelane.core.clients import client_for
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_kwargs
 from onelane.core.settings import get_settings
+from onelane.delivery import coalescing
 from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, requeue_at_head
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,24 @@ class HeadRequeueRequest(Request):
             fields.setdefault("routing_key", info.get("routing_key"))
             fields.setdefault("exchange", info.get("exchange"))
         return super().send_event(type, **fields)
+
+    def revoked(self):
+        """Celery's check before running (revoked, or expired): a callout with a coalesce key that
+        will never run frees its key and ends the ids it carried (FAILURE)."""
+        gone = super().revoked()
+        if gone:
+            key = (self._kwargs or {}).get(coalescing.ARGUMENT) if isinstance(self._kwargs, dict) else None
+            if coalescing.coalesce_key_problem(key) is None:
+                s = get_settings()
+                client = client_for(s)
+                queue = (self.delivery_info or {}).get("routing_key") or s.queue
+                try:
+                    coalescing.abandon(client, Keys(s.key_prefix), queue=queue, key=key, task_id=self.id,
+                                       why="it was revoked or expired before it ran", window_s=s.dedupe_window_s,
+                                       result_expires_s=s.result_expires_s, now_ms=int(time.time() * 1000))
+                except Exception:  # Redis away: the reaper frees the key later
+                    log.exception("onelane: could not free the coalesce key of revoked %s", self.id)
+        return gone
 
     def reject(self, requeue=False):
         if not requeue or self.acknowledged:

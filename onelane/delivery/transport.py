@@ -3,20 +3,21 @@
 kombu's Redis transport takes a message off the queue with BRPOP and only then records it
 as unacknowledged, in a second round trip: a worker killed between the two (or a reply
 lost on a dropped connection) loses that message for good. Here a consuming worker takes
-it with BLMOVE into a fetch list of its own (one per worker and queue), then records it
-as unacked and removes it from the fetch list in one script (``lua/fetch_claim.lua``).
+the head of its queue and records it as unacked in one script (``lua/fetch_next.lua``, see
+:mod:`onelane.delivery.fetching`), which also moves what producers appended to kombu's list
+onto the queue's ready list, coalescing callouts that share a key
+(:mod:`onelane.delivery.coalescing`). When the queue is empty the worker blocks with
+``BLMOVE q q RIGHT RIGHT`` — a rotation of one, which leaves the message where it is — and
+then absorbs and takes it with the script.
 
-Guarantee: at every moment the message is in the queue, in exactly one worker's fetch
-list, or in kombu's unacked hash, never nowhere. A worker gives its own fetch list back
-to the head of the queue when it (re)connects; the reaper gives back the fetch list of a
-worker that is gone (:func:`onelane.delivery.fetching.return_fetched`). A worker whose fetch
-was given back while it was cut off from Redis does not deliver it (the claim fails).
+Guarantee: at every moment a message is in kombu's list, the ready list, parked or carried
+(coalescing), or in kombu's unacked hash, never nowhere.
 
 It applies to an onelane worker, which consumes exactly one queue (a lane or the bulk
 queue; the guard refuses more); any other consumer keeps kombu's fetch unchanged. The
-fetch reads the queue's own list only (BLMOVE takes from one list): a message a plain
-producer published with a priority lands in kombu's sub-list for that level, and the
-worker's heartbeat moves it to the queue (:func:`onelane.delivery.flow.absorb_priorities`).
+fetch reads the queue's own list only: a message a plain producer published with a priority
+lands in kombu's sub-list for that level, and the worker's heartbeat moves it to the queue
+(:func:`onelane.delivery.flow.absorb_priorities`).
 
 It overrides two internal methods of kombu's Redis channel (``_brpop_start`` and
 ``_brpop_read``), so pyproject.toml requires the kombu line the test suite runs on.
@@ -33,20 +34,20 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import loads
 
 from onelane.core.clients import sentinel_master_view
 from onelane.core.keys import Keys
 from onelane.core.replication import Replicas
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
-from onelane.delivery.fetching import claim, give_back
+from onelane.delivery.fetching import DRAIN_BUDGET, QueueFetch, Step, give_back
 
 log = logging.getLogger(__name__)
 
 
 class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag):
-        """Record ``message`` as unacked, unless the fetch already did (in the claim script)."""
+        """Record ``message`` as unacked, unless the fetch already did (in its script)."""
         if getattr(self.channel.connection, "onelane_claimed", None) == delivery_tag:
             virtual.QoS.append(self, message, delivery_tag)  # kombu's in-memory bookkeeping only
             return
@@ -57,68 +58,101 @@ class LossProofFetch:
     """The fetch of one onelane queue, on top of kombu's Redis channel (plain or Sentinel)."""
 
     QoS = QoS
-    #: one list per queue: BLMOVE takes from one list only
+    #: one list per queue: the fetch reads kombu's list of level 0 only
     priority_steps = [0]
 
-    _fetch = None  # (queue, fetch list) of the BLMOVE in progress
-    _fetch_queue: str | None = None
+    _fetch = None  # (QueueFetch, "take" | "wait") of the command in progress
+    _wait_next = False  # the last take found the queue empty: block until something arrives
     _fetch_ready: str | None = None  # fetch list registered (and emptied) by this channel
+    _plan: QueueFetch | None = None
     _claim_client = None
 
-    def _fetch_list_for(self, queues) -> tuple[str, str] | None:
-        """(queue, fetch list) when this is an onelane worker consuming its one queue; else None."""
+    def _plan_for(self, queues) -> QueueFetch | None:
+        """The fetch steps when this is an onelane worker consuming its one queue; else None."""
         token = os.environ.get(WORKER_ID_ENV)
         if not token or len(queues) != 1 or self.global_keyprefix or len(self.priority_steps) != 1:
             return None
         if queues[0] != os.environ.get(WORKER_QUEUE_ENV):  # e.g. Celery's own reply queues
             return None
-        return queues[0], Keys(get_settings().key_prefix).fetch_list(queues[0], token)
+        if self._plan is None or self._plan.queue != queues[0]:
+            keys = Keys(get_settings().key_prefix)
+            self._plan = QueueFetch(keys, queues[0], keys.fetch_list(queues[0], token))
+        return self._plan
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
-        plan = self._fetch_list_for(queues) if queues else None
+        plan = self._plan_for(queues) if queues else None
         if plan is None:  # kombu's own fetch
             return super()._brpop_start(timeout)
-        queue, fetch_list = plan
-        if self._fetch_ready != fetch_list:
-            self._prepare(queue, fetch_list)
+        if self._fetch_ready != plan.fetch_list:
+            self._prepare(plan)
         if timeout is None:
             timeout = self.brpop_timeout
-        self._fetch = plan
-        self._in_poll = self.client.connection
+        connection = self.client.connection
+        self._in_poll = connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command("BLMOVE", queue, fetch_list, "RIGHT", "LEFT", timeout or 0)
+        if self._wait_next:
+            # blocks until kombu's list holds a message, and leaves it there: it is taken by the script
+            self._fetch = (plan, "wait")
+            connection.send_command("BLMOVE", plan.queue, plan.queue, "RIGHT", "RIGHT", timeout or 0)
+        else:
+            self._fetch = (plan, "take")
+            connection.send_command(*plan.take_command(self._client()))
 
     def _brpop_read(self, **options):
         if self._fetch is None:
             return super()._brpop_read(**options)
-        queue, fetch_list = self._fetch
+        plan, mode = self._fetch
         self._fetch = None
-        self._fetch_queue = queue
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, "BLMOVE" if mode == "wait" else "EVALSHA",
+                                                   **options)
+            except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): load, take again
+                plan.load(self._client())
+                raise Empty() from None
             except self.connection_errors:
                 self.client.connection.disconnect()
-                self._fetch_ready = None  # a reply may be lost: give the fetch list back first
+                self._fetch_ready = None  # give anything left in the fetch list back first
                 raise
-            if item is None:
-                self._check_master()
-                raise Empty()
-            self._queue_cycle.rotate(queue)
-            payload = self._claim(fetch_list, item)
-            if payload is None:
-                self._check_master()
-                return True
-            self.connection.onelane_claimed = payload["properties"]["delivery_tag"]
-            try:
-                self.connection._deliver(payload, queue)
-            finally:
-                self.connection.onelane_claimed = None
-            return True
+            if mode == "wait":
+                self._wait_next = False
+                if reply is None:
+                    self._check_master()
+                    raise Empty()
+                step = plan.absorb(self._client(), [reply], drain_first=True)
+            else:
+                step = Step.of(reply)
+            return self._deliver_step(plan, step)
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _deliver_step(self, plan: QueueFetch, step: Step) -> bool:
+        """Absorb what the step read (up to the drain budget), then deliver the message it took."""
+        budget = DRAIN_BUDGET
+        while step.kind == "drain":
+            budget -= len(step.drained)
+            step = plan.absorb(self._client(), step.drained, drain_first=budget > 0)
+        if step.kind == "empty":
+            self._wait_next = True
+            raise Empty()
+        self._queue_cycle.rotate(plan.queue)
+        if step.kind == "bad":
+            self._dead_letter_unreadable(self._client(), plan, step.message)
+            return True
+        payload = loads(bytes_to_str(step.message))
+        tag = payload["properties"]["delivery_tag"]
+        replicas = Replicas.of(get_settings())
+        if replicas.needed > 0:  # a take a failover could erase is not acted on
+            replicas.ensure(self._client(), Keys(get_settings().key_prefix).replication_probe,
+                            what=f"the take of message {tag}", log=log)
+        self.connection.onelane_claimed = tag
+        try:
+            self.connection._deliver(payload, plan.queue)
+        finally:
+            self.connection.onelane_claimed = None
+        return True
 
     def _check_master(self) -> None:
         """Behind Sentinel: if this fetch connection is on a server the sentinels no longer name as
@@ -144,59 +178,33 @@ class LossProofFetch:
             self._claim_client = self._create_client()
         return self._claim_client
 
-    def _prepare(self, queue: str, fetch_list: str) -> None:
-        """Register this worker's fetch list and give back anything a lost reply left in it."""
+    def _prepare(self, plan: QueueFetch) -> None:
+        """Register this worker's fetch list and give back anything left in it."""
         client = self._client()
         keys = Keys(get_settings().key_prefix)
-        client.hset(keys.fetch_lists, fetch_list,
-                    json.dumps({"queue": queue, "token": os.environ.get(WORKER_ID_ENV, "")}))
-        moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=False)
+        client.hset(keys.fetch_lists, plan.fetch_list,
+                    json.dumps({"queue": plan.queue, "token": os.environ.get(WORKER_ID_ENV, "")}))
+        moved = give_back(client, keys, fetch_list=plan.fetch_list, queue=plan.queue, forget=False)
         if moved:
-            log.warning("onelane: gave %d fetched message(s) back to the head of %r (a reply was lost)",
-                        len(moved), queue)
-        self._fetch_ready = fetch_list
+            log.warning("onelane: gave %d fetched message(s) back to the head of %r", len(moved), plan.queue)
+        self._fetch_ready = plan.fetch_list
 
-    def _claim(self, fetch_list: str, item: bytes) -> dict | None:
-        """Record the fetched message as unacked; None if it cannot or must not be delivered."""
-        client = self._client()
-        try:
-            payload = loads(bytes_to_str(item))
-            props = payload["properties"]
-            info = props.get("delivery_info") or {}
-            tag = props["delivery_tag"]
-        except (ValueError, KeyError, TypeError) as exc:
-            self._dead_letter_unreadable(client, fetch_list, item, exc)
-            return None
-        unacked = dumps([payload, info.get("exchange", ""), info.get("routing_key", "")])
-        replicas = Replicas.of(get_settings())
-        claimed, replicated = claim(client, fetch_list=fetch_list, item=item, delivery_tag=tag, unacked=unacked,
-                                    replicas=replicas)
-        if not claimed:
-            log.warning("onelane: message %s was given back to its queue while this worker was cut off "
-                        "from Redis; not delivering it here", tag)
-            return None
-        if not replicated:  # a claim a failover could erase is not acted on
-            replicas.ensure(client, Keys(get_settings().key_prefix).replication_probe,
-                            what=f"the claim of message {tag}", log=log)
-        return payload
-
-    def _dead_letter_unreadable(self, client, fetch_list: str, item: bytes, exc: Exception) -> None:
+    def _dead_letter_unreadable(self, client, plan: QueueFetch, item: bytes) -> None:
         """A message that is not even kombu's envelope: into the queue's dead letters, never the log."""
         import hashlib
 
-        queue = self._fetch_queue or "?"
+        queue, fetch_list = plan.queue, plan.fetch_list
         keys = Keys(get_settings().key_prefix)
         entry_id = f"unreadable-{hashlib.sha256(item).hexdigest()[:16]}"
         entry = {"id": entry_id, "task_id": entry_id, "queue": queue, "kind": "unrunnable", "attempts": [],
-                 "reason": f"the message is not kombu's JSON envelope ({type(exc).__name__}); it is not kept",
+                 "reason": "the message is not kombu's JSON envelope; it is not kept",
                  "request": {"omitted": f"{len(item)} bytes, unreadable"}, "dead_lettered_at": time.time()}
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.dead_letters(queue), entry_id, json.dumps(entry))
         pipe.zadd(keys.dead_letter_index(queue), {entry_id: int(time.time() * 1000)})
         pipe.lrem(fetch_list, 1, item)
         pipe.execute()
-        log.error("onelane: dead-lettered an unreadable message from %r as %s (%s); it never ran", queue, entry_id,
-                  type(exc).__name__)
+        log.error("onelane: dead-lettered an unreadable message from %r as %s; it never ran", queue, entry_id)
 
 
 class Channel(LossProofFetch, kombu_redis.Channel):

@@ -331,7 +331,7 @@ def render_overview(data):
     for col, kw in (("lane", {"no_wrap": True}), ("depth", {"justify": "right"}),
                     ("in flight", {"justify": "right"}), ("holder", {"overflow": "ellipsis", "max_width": 30}),
                     ("stby", {"justify": "right"}), ("paused", {}), ("dlq", {"justify": "right"}),
-                    ("head waits", {"justify": "right"})):
+                    ("coalesced", {"justify": "right"}), ("head waits", {"justify": "right"})):
         t.add_column(col, **kw)
     lines = data["lanes"] + data["bulk"]
     with_outbox = any(line.get("outbox") for line in lines)  # the column only where a relay reports
@@ -341,7 +341,8 @@ def render_overview(data):
         name = line["name"] + (" (bulk)" if line["kind"] == "bulk" else "")
         holder = _holder(line["holder"]) if line["kind"] == "lane" else "-"
         row = [name, str(line["depth"]), str(line["in_flight"]), holder, str(line["standbys"]),
-               "[red]yes[/]" if line["paused"] else "no", str(line["dead_letters"]), _age(line["head_waiting_s"])]
+               "[red]yes[/]" if line["paused"] else "no", str(line["dead_letters"]), str(line.get("coalesced", 0)),
+               _age(line["head_waiting_s"])]
         if with_outbox:
             o = line.get("outbox")
             row.append("-" if o is None else f"{o['depth']} ({_age(o['oldest_age_s'])})")
@@ -385,7 +386,9 @@ def render(snap):
     guard = (f"{g['label']} on {g['host']} (pid {g['pid']}), renewed {g['renewed_ago_s']:.1f} s ago" if g
              else ("-" if snap.kind == "bulk" else "[yellow]no worker holds it[/]"))
     head.add_row("guard", guard, "failed 1m / 1h", f"{snap.failed['last_minute']} / {snap.failed['last_hour']}")
-    head.add_row("head waits", _age(snap.head_waiting_s), "", "")
+    c = snap.coalescing or {}
+    head.add_row("head waits", _age(snap.head_waiting_s), "coalesced",
+                 f"{c.get('coalesced', 0)} (parked {c.get('parked', 0)}, keys waiting {c.get('waiting_keys', 0)})")
     for sb in snap.standbys:
         head.add_row("standby", f"{sb['label']} on {sb['host']} (pid {sb['pid']})", "", "")
     if snap.outbox is not None:  # the lane's transactional outbox, as its relay last reported it

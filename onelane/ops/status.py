@@ -20,7 +20,7 @@ from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
 from onelane.core.clients import eviction_problem
-from onelane.delivery import flow, registry
+from onelane.delivery import coalescing, flow, registry
 from onelane.delivery.epoch import losses
 from onelane.delivery.inflight import Inflight
 from onelane.delivery.messages import parse_queued, task_id_of
@@ -54,6 +54,8 @@ class Snapshot:
     failed: dict = field(default_factory=dict)
     #: the transactional outbox of this lane, as its relay last reported it (None: no relay ever did)
     outbox: dict | None = None
+    #: coalescing: task ids carried by another so far, keys waiting / started, callouts parked
+    coalescing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,7 +131,7 @@ def head_waiting_s(client, keys: Keys, queue: str, now_ms: int) -> float | None:
     Messages carry no publish time, so the first look at a new head starts its clock; every
     look (status, the reaper every few seconds) keeps it. A lower bound on its wait.
     """
-    head = parse_queued(client.lindex(keys.queue_list(queue), -1))
+    head = parse_queued(flow.head(client, keys, queue))
     head_id = task_id_of(head) if head else None
     if head_id is None:
         client.delete(keys.head_seen(queue))
@@ -204,6 +206,7 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
     snap.limits = _limits(client, keys, settings.limits)
     snap.redis = redis_health(client, keys, settings)
     snap.outbox = _outbox(client, keys, queue, now)
+    snap.coalescing = coalescing.view(client, keys, queue).to_dict()
     return snap
 
 
@@ -233,7 +236,8 @@ def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
     pipe.zcard(keys.delayed(queue))
     pipe.exists(keys.paused(queue))
     pipe.zcount(keys.stats(queue, "success"), now_ms - 60_000, "+inf")
-    in_flight, dlq, delayed, paused, ok_m = pipe.execute()
+    pipe.hget(keys.coalesce_counts(queue), "coalesced")
+    in_flight, dlq, delayed, paused, ok_m, coalesced = pipe.execute()
     guard = _guard(client, keys, queue)
     return {
         "name": queue,
@@ -246,6 +250,7 @@ def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
         "paused": bool(paused),
         "dead_letters": dlq,
         "completed_last_minute": ok_m,
+        "coalesced": int(coalesced or 0),
         "head_waiting_s": head_waiting_s(client, keys, queue, now_ms),
         "outbox": _outbox(client, keys, queue, now_ms),
     }

@@ -2,11 +2,13 @@
 -- KEYS[1] the fetch list (BLMOVE pushed each fetch at its left: the oldest is rightmost)
 -- KEYS[2] the queue's list (consumers take from the right)
 -- KEYS[3] the index of fetch lists (hash)
+-- KEYS[4] the queue's ready list (its right end is the head of the queue while it holds any)
 -- ARGV[1] '1': also forget the fetch list in the index (its worker is gone)
 -- Returns the messages moved, newest first.
 local moved = {}
+local head = redis.call('LLEN', KEYS[4]) > 0 and KEYS[4] or KEYS[2]
 while true do
-    local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+    local item = redis.call('LMOVE', KEYS[1], head, 'LEFT', 'RIGHT')
     if not item then
         break
     end

@@ -6,6 +6,7 @@
 -- KEYS[4] the task's in-flight record (hash)
 -- KEYS[5] the queue's in-flight index (sorted set: task id -> deadline, ms)
 -- KEYS[6] the queue's receiver records (hash: delivery tag -> worker token)
+-- KEYS[7] the queue's ready list (its right end is the head of the queue while it holds any)
 -- ARGV[1] delivery tag
 -- ARGV[2] the unacked value the caller read ('' when the caller read none)
 -- ARGV[3] the message to push (the same message, marked redelivered)
@@ -37,7 +38,8 @@ end
 if current ~= ARGV[2] then
     return -2
 end
-redis.call('RPUSH', KEYS[3], ARGV[3])
+local head = redis.call('LLEN', KEYS[7]) > 0 and KEYS[7] or KEYS[3]
+redis.call('RPUSH', head, ARGV[3])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[4])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from onelane.callout.validation import (ARGUMENTS, MAX_HEADER_NAME, MAX_HEADER_VALUE, MAX_HEADERS, MAX_KEY_LENGTH,
                                         MAX_RESOURCE_LENGTH, METHODS)
 from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S, Settings
+from onelane.delivery.coalescing import MAX_COALESCE_KEY
 from onelane.ops.intake.state import STATES
 from onelane.ops.intake.tokens import LANE_RE
 
@@ -45,6 +46,9 @@ _ARGUMENT_SCHEMAS = {
                                        "(give one of them); default the task id"},
     "retry_on": {"type": "array", "items": {"type": "integer", "minimum": 100, "maximum": 599},
                  "description": "the HTTP statuses to retry for this callout; default ONELANE_RETRY_STATUSES"},
+    "coalesce_key": {"type": "string", "minLength": 1, "maxLength": MAX_COALESCE_KEY,
+                     "description": "a record's key: while a callout with this key waits in its lane, a newer one "
+                                    "replaces its arguments (one call, the newest data; see the README's Coalescing)"},
 }
 
 

@@ -1,0 +1,171 @@
+-- The fetch of an onelane queue: move what arrived in kombu's list to the ready list (coalescing
+-- callouts that share a coalesce key while they wait), then take the head of the ready list and
+-- record it as unacked, in kombu's own layout, in the same step.
+--
+-- The queue is the ready list followed by kombu's list: the ready list's right end is the head,
+-- kombu's left end the tail (producers LPUSH there). A message is at every moment in one of the
+-- two lists, parked, carried (its task id in a carrier's newest entry), or unacked: never nowhere.
+--
+-- KEYS[1] kombu's list of the queue        KEYS[2] the ready list
+-- KEYS[3] kombu unacked hash               KEYS[4] kombu unacked index
+-- KEYS[5] waiting: key -> carrier id       KEYS[6] started: key -> JSON {id, tag, at}
+-- KEYS[7] parked: key -> JSON [message]    KEYS[8] newest: carrier id -> JSON {body, carried}
+-- KEYS[9] carried: id -> JSON [{id, batch}] KEYS[10] key of: id -> coalesce key
+-- KEYS[11] counts (hash)                   KEYS[12] the worker's fetch list (unreadable messages)
+-- ARGV[1] 'take' or 'absorb'   ARGV[2] now (s, the worker's clock, as kombu)   ARGV[3] now (ms)
+-- ARGV[4] how many messages a drain reads at most   ARGV[5] '1': drain kombu's list before taking
+-- absorb: ARGV[6] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
+-- '1' if redelivered): kombu's n oldest messages, oldest first, exactly as read.
+-- Returns {'msg', message} taken and unacked; {'drain', messages newest first} read kombu's list
+-- first (absorb them); {'empty'} nothing to take; {'bad', message} unreadable, moved to the
+-- fetch list (the caller dead-letters it).
+local QUEUE, READY, UNACKED, UNACKED_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local WAITING, STARTED, PARKED, NEWEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local CARRIED, KEY_OF, COUNTS, FETCH = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local now, now_ms, batch, drain_first = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+
+local BODY = '^{"body"%s*:%s*"[^"]*"'
+
+local function body_of(message)
+    return string.match(message, '^{"body"%s*:%s*"([^"]*)"')
+end
+
+local function with_body(message, body)
+    local _, stop = string.find(message, BODY)
+    return '{"body": "' .. body .. '"' .. string.sub(message, stop + 1)
+end
+
+local function started_id(key)
+    local raw = redis.call('HGET', STARTED, key)
+    return raw and cjson.decode(raw).id
+end
+
+local function copy(list)
+    local out = {}
+    for _, v in ipairs(list or {}) do
+        out[#out + 1] = v
+    end
+    return out
+end
+
+-- cjson encodes an empty Lua table as {}: a list read back either way
+local function list_of(raw)
+    return raw and copy(cjson.decode(raw)) or {}
+end
+
+-- a newer callout with a waiting carrier's key: the carrier will send its arguments
+local function coalesce(message, id, batch_id, carrier)
+    local newest = redis.call('HGET', NEWEST, carrier)
+    local carried = newest and copy(cjson.decode(newest).carried) or {}
+    carried[#carried + 1] = {id = id, batch = batch_id}
+    for _, x in ipairs(list_of(redis.call('HGET', CARRIED, id))) do  -- what this one carried before
+        carried[#carried + 1] = x
+    end
+    redis.call('HDEL', CARRIED, id)
+    redis.call('HDEL', KEY_OF, id)
+    redis.call('HSET', NEWEST, carrier, cjson.encode({body = body_of(message), carried = carried}))
+    redis.call('HINCRBY', COUNTS, 'coalesced', 1)
+end
+
+-- one message read from kombu's list, to the tail of the ready list (or carried by a waiting one)
+local function admit(message, key, id, batch_id, redelivered)
+    if key ~= '' and id ~= '' then
+        if not redelivered and started_id(key) ~= id then
+            local carrier = redis.call('HGET', WAITING, key)
+            if carrier and carrier ~= id then
+                coalesce(message, id, batch_id, carrier)
+                return
+            end
+            if not carrier then
+                redis.call('HSET', WAITING, key, id)
+            end
+        end
+        redis.call('HSET', KEY_OF, id, key)
+    end
+    redis.call('LPUSH', READY, message)
+end
+
+local function park(key, message)
+    local parked = list_of(redis.call('HGET', PARKED, key))
+    parked[#parked + 1] = message
+    redis.call('HSET', PARKED, key, cjson.encode(parked))
+end
+
+-- the head of the ready list, unacked; a keyed one whose key is running elsewhere is parked
+local function take()
+    while true do
+        local message = redis.call('RPOP', READY)
+        if not message then
+            return {'empty'}
+        end
+        local ok, envelope = pcall(cjson.decode, message)
+        local props = ok and type(envelope) == 'table' and envelope.properties
+        local tag = type(props) == 'table' and props.delivery_tag
+        if type(tag) ~= 'string' then
+            redis.call('LPUSH', FETCH, message)
+            return {'bad', message}
+        end
+        local headers = type(envelope.headers) == 'table' and envelope.headers or {}
+        local id = headers.id
+        local key = type(id) == 'string' and redis.call('HGET', KEY_OF, id)
+        local parked = false
+        if key then
+            local running = started_id(key)
+            if running and running ~= id then
+                park(key, message)
+                parked = true
+            else
+                redis.call('HSET', STARTED, key, cjson.encode({id = id, tag = tag, at = now_ms}))
+                if redis.call('HGET', WAITING, key) == id then
+                    redis.call('HDEL', WAITING, key)
+                end
+                local newest = redis.call('HGET', NEWEST, id)
+                if newest then
+                    local entry = cjson.decode(newest)
+                    local carried = list_of(redis.call('HGET', CARRIED, id))
+                    for _, x in ipairs(copy(entry.carried)) do
+                        carried[#carried + 1] = x
+                    end
+                    message = with_body(message, entry.body)
+                    redis.call('HSET', CARRIED, id, cjson.encode(carried))
+                    redis.call('HDEL', NEWEST, id)
+                end
+            end
+        end
+        if not parked then
+            local info = type(props.delivery_info) == 'table' and props.delivery_info or {}
+            local exchange = type(info.exchange) == 'string' and info.exchange or ''
+            local routing_key = type(info.routing_key) == 'string' and info.routing_key or ''
+            redis.call('ZADD', UNACKED_INDEX, now, tag)
+            redis.call('HSET', UNACKED, tag,
+                '[' .. message .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(routing_key) .. ']')
+            return {'msg', message}
+        end
+    end
+end
+
+local function next_step()
+    if drain_first and redis.call('LLEN', QUEUE) > 0 then
+        return {'drain', redis.call('LRANGE', QUEUE, -batch, -1)}
+    end
+    return take()
+end
+
+if ARGV[1] == 'absorb' then
+    local n = tonumber(ARGV[6])
+    local oldest = redis.call('LRANGE', QUEUE, -n, -1)  -- newest first
+    if #oldest ~= n then
+        return next_step()
+    end
+    for i = 1, n do
+        if oldest[n - i + 1] ~= ARGV[6 + (i - 1) * 5 + 1] then
+            return next_step()  -- another worker took some of them meanwhile: read again
+        end
+    end
+    redis.call('LTRIM', QUEUE, 0, -n - 1)
+    for i = 1, n do
+        local at = 6 + (i - 1) * 5
+        admit(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5] == '1')
+    end
+end
+return next_step()

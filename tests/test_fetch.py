@@ -1,0 +1,252 @@
+"""The fetch script and coalescing, step by step, on a real Redis holding kombu's own layout.
+
+The end-to-end tests (test_coalescing, test_faults) show them with real workers; here each rule
+is pinned down on its own: what a take returns, that an absorb never moves a message twice, how
+versions with one coalesce key become one carrier with the newest arguments, parking behind a
+running key and going back to the head, and reading a message's key.
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
+from onelane.delivery import coalescing, flow
+from onelane.delivery.fetching import QueueFetch, Step
+from onelane.delivery.inflight import MOVED, requeue_at_head
+
+KEYS = Keys()
+QUEUE = "serial"
+
+
+def fetcher(queue: str = QUEUE, token: str = "t1") -> QueueFetch:
+    return QueueFetch(KEYS, queue, KEYS.fetch_list(queue, token))
+
+
+def take(client, f: QueueFetch, *, budget: int = 10_000) -> Step:
+    """One fetch as the worker runs it: a take, then absorb what it read until it takes or finds nothing."""
+    step = Step.of(client.execute_command(*f.take_command(client)))
+    while step.kind == "drain":
+        budget -= len(step.drained)
+        step = f.absorb(client, step.drained, drain_first=budget > 0)
+    return step
+
+
+def publish(app, *, queue: str = QUEUE, **kwargs):
+    kwargs.setdefault("url", "http://api.example/x")
+    return app.send_task("tasks.callout", kwargs=kwargs, queue=queue).id
+
+
+def kwargs_of(message: bytes) -> dict:
+    return json.loads(base64.b64decode(json.loads(message)["body"]))[1]
+
+
+def id_of(message: bytes) -> str:
+    return json.loads(message)["headers"]["id"]
+
+
+def take_all(client, f: QueueFetch) -> list[bytes]:
+    out = []
+    while (step := take(client, f)).kind == "msg":
+        out.append(step.message)
+    assert step.kind == "empty"
+    return out
+
+
+# -- the take ----------------------------------------------------------------------------------
+@pytest.mark.redis
+def test_a_take_reads_kombus_list_and_takes_the_oldest_unacked_in_the_same_step(redis_client, celery_app):
+    f = fetcher()
+    assert take(redis_client, f).kind == "empty"
+    ids = [publish(celery_app, idempotency_key=f"k{i}") for i in range(5)]
+    first = take(redis_client, f)
+    assert first.kind == "msg" and id_of(first.message) == ids[0]
+    # the rest moved to the ready list, in order; kombu's list is empty
+    assert redis_client.llen(QUEUE) == 0 and redis_client.llen(KEYS.ready(QUEUE)) == 4
+    assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids[1:]
+    assert flow.depth(redis_client, KEYS, QUEUE) == 4
+    # unacked exactly as kombu records it: [message, exchange, routing key], scored with the time
+    tag = json.loads(first.message)["properties"]["delivery_tag"]
+    message, _exchange, routing_key = json.loads(redis_client.hget(KOMBU_UNACKED, tag))
+    assert message == json.loads(first.message) and routing_key == QUEUE
+    assert redis_client.zscore(KOMBU_UNACKED_INDEX, tag) is not None
+    assert [id_of(m) for m in take_all(redis_client, f)] == ids[1:]
+    assert redis_client.hlen(KOMBU_UNACKED) == 5
+
+
+@pytest.mark.redis
+def test_an_absorb_of_messages_another_worker_took_meanwhile_moves_nothing_twice(redis_client, celery_app):
+    a, b = fetcher(token="a"), fetcher(token="b")
+    ids = [publish(celery_app) for _ in range(3)]
+    step = Step.of(redis_client.execute_command(*a.take_command(redis_client)))
+    assert step.kind == "drain" and len(step.drained) == 3
+    got_b = take(redis_client, b)  # b absorbs all three and takes the first
+    assert id_of(got_b.message) == ids[0]
+    # a's absorb of what it read finds them gone from kombu's list: it takes the next one instead
+    got_a = a.absorb(redis_client, step.drained, drain_first=True)
+    assert got_a.kind == "msg" and id_of(got_a.message) == ids[1]
+    assert [id_of(m) for m in take_all(redis_client, b)] == [ids[2]]
+    assert redis_client.hlen(KOMBU_UNACKED) == 3
+
+
+@pytest.mark.redis
+def test_a_drain_budget_takes_before_reading_everything(redis_client, celery_app):
+    f = fetcher()
+    ids = [publish(celery_app) for _ in range(450)]
+    step = take(redis_client, f, budget=200)  # one batch of 200, then the take
+    assert step.kind == "msg" and id_of(step.message) == ids[0]
+    assert redis_client.llen(QUEUE) == 250 and redis_client.llen(KEYS.ready(QUEUE)) == 199
+    assert [id_of(m) for m in take_all(redis_client, f)] == ids[1:]
+
+
+@pytest.mark.redis
+def test_an_unreadable_message_is_handed_to_the_worker_in_its_fetch_list(redis_client, celery_app):
+    f = fetcher()
+    redis_client.rpush(KEYS.ready(QUEUE), b"not json")
+    step = take(redis_client, f)
+    assert step.kind == "bad" and step.message == b"not json"
+    assert redis_client.lrange(f.fetch_list, 0, -1) == [b"not json"]
+
+
+@pytest.mark.redis
+def test_a_requeue_goes_to_the_head_of_the_ready_list(redis_client, celery_app):
+    f = fetcher()
+    ids = [publish(celery_app) for _ in range(3)]
+    first = take(redis_client, f)
+    tag = json.loads(first.message)["properties"]["delivery_tag"]
+    assert requeue_at_head(redis_client, KEYS, queue=QUEUE, delivery_tag=tag, task_id=ids[0]) == MOVED
+    assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids
+    assert id_of(flow.head(redis_client, KEYS, QUEUE)) == ids[0]
+
+
+# -- coalescing --------------------------------------------------------------------------------
+@pytest.mark.redis
+def test_versions_with_one_key_become_one_call_with_the_newest_arguments_at_the_first_place(
+        redis_client, celery_app):
+    f = fetcher()
+    a1 = publish(celery_app, coalesce_key="order-1", json={"v": 1})
+    plain = publish(celery_app, json={"plain": True})
+    b1 = publish(celery_app, coalesce_key="order-2", json={"v": 1})
+    a2 = publish(celery_app, coalesce_key="order-1", json={"v": 2})
+    a3 = publish(celery_app, coalesce_key="order-1", json={"v": 3})
+    other_lane = publish(celery_app, queue="erp", coalesce_key="order-1", json={"v": 9})
+    taken = take_all(redis_client, f)
+    assert [id_of(m) for m in taken] == [a1, plain, b1]
+    assert kwargs_of(taken[0])["json"] == {"v": 3} and kwargs_of(taken[2])["json"] == {"v": 1}
+    carried = coalescing.carried_of(redis_client.hget(KEYS.coalesce_carried(QUEUE), a1))
+    assert [c["id"] for c in carried] == [a2, a3]
+    assert coalescing.view(redis_client, KEYS, QUEUE).coalesced == 2
+    # keys are per queue: the erp lane's message is untouched
+    erp = take_all(redis_client, fetcher("erp"))
+    assert [id_of(m) for m in erp] == [other_lane] and kwargs_of(erp[0])["json"] == {"v": 9}
+
+
+@pytest.mark.redis
+def test_a_started_callout_is_never_changed_and_a_newer_one_waits_behind_it(redis_client, celery_app):
+    f = fetcher("bulk")
+    v1 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 1})
+    assert id_of(take(redis_client, f).message) == v1  # started
+    v2 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 2})
+    other = publish(celery_app, queue="bulk", json={"other": 1})
+    v3 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 3})
+    # v2 reaches the head while v1 runs: parked (never two with one key at once); v3 rides on it
+    step = take(redis_client, f)
+    assert id_of(step.message) == other
+    assert take(redis_client, f).kind == "empty"
+    assert flow.depth(redis_client, KEYS, "bulk") == 1  # the parked one counts as waiting
+    assert coalescing.view(redis_client, KEYS, "bulk").parked == 1
+    # v1's outcome frees the key: v2 goes back to the head, carrying v3's arguments
+    assert coalescing.release(redis_client, KEYS, queue="bulk", key="r", task_id=v1) == 1
+    step = take(redis_client, f)
+    assert id_of(step.message) == v2 and kwargs_of(step.message)["json"] == {"v": 3}
+    carried = coalescing.carried_of(redis_client.hget(KEYS.coalesce_carried("bulk"), v2))
+    assert [c["id"] for c in carried] == [v3]
+
+
+@pytest.mark.redis
+def test_a_release_by_another_id_leaves_the_key_held(redis_client, celery_app):
+    f = fetcher("bulk")
+    v1 = publish(celery_app, queue="bulk", coalesce_key="r")
+    take(redis_client, f)
+    publish(celery_app, queue="bulk", coalesce_key="r")
+    assert take(redis_client, f).kind == "empty"  # parked behind v1
+    assert coalescing.release(redis_client, KEYS, queue="bulk", key="r", task_id="someone-else") == 0
+    assert take(redis_client, f).kind == "empty"
+    assert coalescing.release(redis_client, KEYS, queue="bulk", key="r", task_id=v1) == 1
+    assert take(redis_client, f).kind == "msg"
+
+
+@pytest.mark.redis
+def test_a_redelivered_copy_of_a_started_callout_is_not_coalesced(redis_client, celery_app):
+    f = fetcher()
+    v1 = publish(celery_app, coalesce_key="r", json={"v": 1})
+    first = take(redis_client, f)
+    v2 = publish(celery_app, coalesce_key="r", json={"v": 2})
+    # kombu restores v1 to the tail (visibility timeout), after v2: it must not overwrite v2's data
+    tag = json.loads(first.message)["properties"]["delivery_tag"]
+    restored = json.loads(first.message)
+    restored["headers"]["redelivered"] = True
+    redis_client.hdel(KOMBU_UNACKED, tag)
+    redis_client.lpush(QUEUE, json.dumps(restored))
+    step = take(redis_client, f)  # v2 waits (v1 is started): v2 parks, the restored v1 runs again
+    assert id_of(step.message) == v1 and kwargs_of(step.message)["json"] == {"v": 1}
+    coalescing.release(redis_client, KEYS, queue=QUEUE, key="r", task_id=v1)
+    step = take(redis_client, f)
+    assert id_of(step.message) == v2 and kwargs_of(step.message)["json"] == {"v": 2}
+
+
+# -- reading a message's key (pure) ------------------------------------------------------------
+def envelope(kwargs, *, task="tasks.callout", headers=None, content_type="application/json") -> bytes:
+    body = base64.b64encode(json.dumps([[], kwargs, {}]).encode()).decode()
+    return json.dumps({"body": body, "content-encoding": "utf-8", "content-type": content_type,
+                       "headers": {"task": task, "id": "tid-1", **(headers or {})},
+                       "properties": {"body_encoding": "base64", "delivery_tag": "tag-1",
+                                      "delivery_info": {"exchange": "", "routing_key": QUEUE}}}).encode()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("pad", range(6))
+def test_the_key_is_found_at_every_byte_alignment(pad):
+    a = coalescing.arrival(envelope({"url": "http://x/" + "y" * pad, "coalesce_key": "order-42"}))
+    assert (a.key, a.task_id, a.redelivered) == ("order-42", "tid-1", False)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("message", [
+    envelope({"url": "http://x/"}),  # no key
+    envelope({"url": "http://x/", "json": {"coalesce_key": "nested"}, "coalesce_key": 7}),  # not a string
+    envelope({"url": "http://x/", "coalesce_key": ""}),
+    envelope({"url": "http://x/", "coalesce_key": "k" * 201}),
+    envelope({"url": "http://x/", "coalesce_key": "k"}, task="tasks.other"),
+    envelope({"url": "http://x/", "coalesce_key": "k"}, content_type="application/x-python-serialize"),
+    b"not json at all",
+    b'{"body": "!!!not base64 coalesce_key"}',
+])
+def test_a_message_without_a_valid_key_is_never_coalesced(message):
+    assert coalescing.arrival(message) == coalescing.NO_KEY
+
+
+@pytest.mark.unit
+def test_a_redelivered_message_and_its_batch_are_read():
+    a = coalescing.arrival(envelope({"url": "http://x/", "coalesce_key": "k"},
+                                    headers={"redelivered": True, "onelane_batch": "b-1"}))
+    assert a.redelivered and a.batch == "b-1" and a.key == "k"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value, ok", [("order-42", True), ("k" * 200, True), ("", False), ("k" * 201, False),
+                                       (42, False), (None, False)])
+def test_one_rule_for_a_coalesce_key(value, ok):
+    from onelane.callout.validation import validate
+    from onelane.core.errors import ValidationError
+
+    assert (coalescing.coalesce_key_problem(value) is None) == ok
+    if value is None:
+        return
+    if ok:
+        assert validate({"url": "http://x/", "coalesce_key": value}).coalesce_key == value
+    else:
+        with pytest.raises(ValidationError, match="coalesce_key"):
+            validate({"url": "http://x/", "coalesce_key": value})
