@@ -19,6 +19,9 @@
    the relay's throughput (rows/s) against a plain send_task loop.
 9. Intake (bench/intake.py): single POSTs to `onelane intake` with keep-alive against
    send_task — requests/s, latency p50/p99 — and POST-to-API latency on an idle lane.
+10. Coalescing (bench/coalescing.py): the fetch's cost at depths 100 and 100 000, with keys and
+   without; a worker's cost per callout with keys; records changing faster than a lane of
+   200 ms calls keeps up, with keys and without: calls made and wall time.
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ from demo.fragile_api import FragileAPI, Reply  # noqa: E402
 from demo.redis_server import RedisServer  # noqa: E402
 from tests.procs import CeleryProcess, children, wait_for  # noqa: E402
 from bench.intake import report_rows as intake_rows, run as intake_bench  # noqa: E402
+from bench.coalescing import report_rows as coalescing_rows, run as coalescing_bench  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -501,6 +505,8 @@ def report(res):
                   f"{tp['relay']['rows_per_s'] / tp['send_task']['rows_per_s']:.2f}x")
     for row in intake_rows(res["intake"]) if "intake" in res else []:
         t.add_row(*row)
+    for row in coalescing_rows(res["coalescing"]) if "coalescing" in res else []:
+        t.add_row(*row)
     console.print(t)
 
 
@@ -541,6 +547,8 @@ def main(argv=None) -> int:
     res["outbox"] = outbox_bench(ob_calls, ob_rows)
     console.print("intake: POSTs against send_task ...")
     res["intake"] = intake_bench(a.quick)
+    console.print("coalescing: the fetch at depth, and records changing faster than the lane ...")
+    res["coalescing"] = coalescing_bench(a.quick, env_for)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

@@ -50,3 +50,12 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert intake["accepting"]["send_task"]["per_s"] > 0 and intake["end_to_end"]["overlaps"] == 0
     assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout
     assert "intake" in run.stdout
+    co = res["coalescing"]
+    fetch = {(f["depth"], f["keyed"]): f for f in co["fetch"]}
+    assert set(fetch) == {(100, False), (100, True), (1000, False), (1000, True)}
+    assert fetch[(1000, True)]["carriers"] == 1000 and fetch[(1000, False)]["carriers"] == 1000
+    assert all(f["takes"] > 0 and f["redis_commands_per_take"]["evalsha"] == 1.0 for f in fetch.values())
+    seed = co["seed"]
+    assert seed["plain"]["calls"] == seed["plain"]["updates"] == 32 and seed["keyed"]["calls"] < 32
+    assert seed["keyed"]["newest_sent_for_every_record"] and seed["keyed"]["overlaps"] == 0
+    assert "coalescing" in run.stdout

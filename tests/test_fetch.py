@@ -135,7 +135,7 @@ def test_versions_with_one_key_become_one_call_with_the_newest_arguments_at_the_
     taken = take_all(redis_client, f)
     assert [id_of(m) for m in taken] == [a1, plain, b1]
     assert kwargs_of(taken[0])["json"] == {"v": 3} and kwargs_of(taken[2])["json"] == {"v": 1}
-    carried = coalescing.carried_of(redis_client.hget(KEYS.coalesce_carried(QUEUE), a1))
+    carried = coalescing.read_carried(redis_client, KEYS, queue=QUEUE, task_id=a1)
     assert [c["id"] for c in carried] == [a2, a3]
     assert coalescing.view(redis_client, KEYS, QUEUE).coalesced == 2
     # keys are per queue: the erp lane's message is untouched
@@ -161,7 +161,7 @@ def test_a_started_callout_is_never_changed_and_a_newer_one_waits_behind_it(redi
     assert coalescing.release(redis_client, KEYS, queue="bulk", key="r", task_id=v1) == 1
     step = take(redis_client, f)
     assert id_of(step.message) == v2 and kwargs_of(step.message)["json"] == {"v": 3}
-    carried = coalescing.carried_of(redis_client.hget(KEYS.coalesce_carried("bulk"), v2))
+    carried = coalescing.read_carried(redis_client, KEYS, queue="bulk", task_id=v2)
     assert [c["id"] for c in carried] == [v3]
 
 

@@ -210,7 +210,7 @@ class CalloutRun:
         pipe.time()
         keyed = self.request.coalesce_key is not None
         if keyed:  # the ids it carries: fixed once a worker took it
-            pipe.hget(self.keys.coalesce_carried(d.queue), d.task_id)
+            coalescing.read_carried(self.client, self.keys, queue=d.queue, task_id=d.task_id, pipe=pipe)
         ahead = self.permits.speculate(pipe, record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms)
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
             # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
@@ -545,8 +545,8 @@ def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: Va
     key = kwargs.get(coalescing.ARGUMENT) if isinstance(kwargs, dict) else None
     coalesce = None
     if coalescing.coalesce_key_problem(key) is None:  # the fetch honoured its key: end its hold
-        coalesce = Coalescing(key, coalescing.carried_of(client.hget(keys.coalesce_carried(delivery.queue),
-                                                                     delivery.task_id)))
+        coalesce = Coalescing(key, coalescing.read_carried(client, keys, queue=delivery.queue,
+                                                           task_id=delivery.task_id))
     _record_dead_letter(s, client, keys, delivery, stored, error=str(exc), kind="invalid", attempts=[],
                         coalesce=coalesce)
     return CalloutRejected(f"{exc}; the API was not called and the task is dead-lettered")

@@ -129,7 +129,7 @@ class Keys:
         return f"{self.prefix}:coalesce:waiting:{queue}"
 
     def coalesce_newest(self, queue: str) -> str:
-        """Hash: carrier task id -> JSON {body, carried: [{id, batch}]}: the newest arguments it will send."""
+        """Hash: carrier task id -> the newest message body (base64) it will send when taken."""
         return f"{self.prefix}:coalesce:newest:{queue}"
 
     def coalesce_started(self, queue: str) -> str:
@@ -140,9 +140,10 @@ class Keys:
         """Hash: coalesce key -> JSON list of messages taken while that key's callout was running."""
         return f"{self.prefix}:coalesce:parked:{queue}"
 
-    def coalesce_carried(self, queue: str) -> str:
-        """Hash: task id of a started carrier -> JSON [{id, batch}] of the task ids it carries."""
-        return f"{self.prefix}:coalesce:carried:{queue}"
+    def coalesce_carried(self, queue: str, task_id: str) -> str:
+        """List: JSON {id, batch} of every task id the callout ``task_id`` carries, oldest first
+        (the fetch script builds the name from ``coalesce_carried(queue, "")``)."""
+        return f"{self.prefix}:coalesce:carried:{queue}:{task_id}"
 
     def coalesce_key_of(self, queue: str) -> str:
         """Hash: task id -> its coalesce key, from the moment a fetch reads it to its outcome."""

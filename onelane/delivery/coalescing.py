@@ -114,29 +114,38 @@ def arrival(message: bytes) -> Arrival:
 
 
 # -- after the carrier's outcome ------------------------------------------------------------------
-def carried_of(raw) -> list[dict]:
-    """The task ids a started carrier carries ([{id, batch}]), from its ``coalesce_carried`` entry."""
-    if raw is None:
-        return []
-    entries = json.loads(text(raw))
-    return [e for e in entries if isinstance(e, dict) and e.get("id")] if isinstance(entries, list) else []
+def carried_of(raws) -> list[dict]:
+    """The task ids a carrier carries ([{id, batch}]), from its ``coalesce_carried`` list."""
+    out = []
+    for raw in raws or ():
+        entry = json.loads(text(raw))
+        if isinstance(entry, dict) and entry.get("id"):
+            out.append(entry)
+    return out
+
+
+def read_carried(client, keys: Keys, *, queue: str, task_id: str, pipe=None):
+    """The task ids ``task_id`` carries (queued on ``pipe`` when given: its reply goes to :func:`carried_of`)."""
+    if pipe is not None:
+        return pipe.lrange(keys.coalesce_carried(queue, task_id), 0, -1)
+    return carried_of(client.lrange(keys.coalesce_carried(queue, task_id), 0, -1))
 
 
 def queue_release(pipe, client, keys: Keys, *, queue: str, key: str, task_id: str) -> None:
     """Queue, on ``pipe``, the end of ``task_id``'s hold on ``key``: the key is free, the callouts
     with it parked meanwhile go back to the head of the queue (oldest first), and ``task_id``'s
     coalescing records go. Safe to repeat: a key held by another id is left alone."""
-    _RELEASE.queue_on(pipe, client, keys=_release_keys(keys, queue), args=[key, task_id])
+    _RELEASE.queue_on(pipe, client, keys=_release_keys(keys, queue, task_id), args=[key, task_id])
 
 
 def release(client, keys: Keys, *, queue: str, key: str, task_id: str) -> int:
     """:func:`queue_release`, run now; returns how many parked callouts went back to the head."""
-    return int(_RELEASE(client, keys=_release_keys(keys, queue), args=[key, task_id]))
+    return int(_RELEASE(client, keys=_release_keys(keys, queue, task_id), args=[key, task_id]))
 
 
-def _release_keys(keys: Keys, queue: str) -> list[str]:
+def _release_keys(keys: Keys, queue: str, task_id: str) -> list[str]:
     return [keys.coalesce_started(queue), keys.coalesce_parked(queue), keys.ready(queue), keys.queue_list(queue),
-            keys.coalesce_carried(queue), keys.coalesce_key_of(queue)]
+            keys.coalesce_carried(queue, task_id), keys.coalesce_key_of(queue)]
 
 
 def queue_carried_outcomes(pipe, keys: Keys, carried: list[dict], *, carrier: str, status: str, result: dict | None,
@@ -225,7 +234,7 @@ def abandon(client, keys: Keys, *, queue: str, key: str, task_id: str, why: str,
             result_expires_s: int, now_ms: int) -> None:
     """A callout with a coalesce key that will never run (revoked, expired, lost): the ids it
     carried end FAILURE saying ``why``, and its key is free again. Safe to repeat."""
-    carried = carried_of(client.hget(keys.coalesce_carried(queue), task_id))
+    carried = read_carried(client, keys, queue=queue, task_id=task_id)
     pipe = client.pipeline(transaction=True)
     queue_carried_outcomes(pipe, keys, carried, carrier=task_id, status=FAILURE, result=None, error=why,
                            window_s=window_s, result_expires_s=result_expires_s, now_ms=now_ms)

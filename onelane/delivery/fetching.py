@@ -58,8 +58,9 @@ class QueueFetch:
         self.fetch_list = fetch_list
         self.keys = [keys.queue_list(queue), keys.ready(queue), KOMBU_UNACKED, KOMBU_UNACKED_INDEX,
                      keys.coalesce_waiting(queue), keys.coalesce_started(queue), keys.coalesce_parked(queue),
-                     keys.coalesce_newest(queue), keys.coalesce_carried(queue), keys.coalesce_key_of(queue),
-                     keys.coalesce_counts(queue), fetch_list]
+                     keys.coalesce_newest(queue), keys.coalesce_key_of(queue), keys.coalesce_counts(queue),
+                     fetch_list]
+        self.carried_prefix = keys.coalesce_carried(queue, "")
 
     def take_command(self, client) -> list:
         """The EVALSHA of a take, to send on the fetch connection (its reply: :meth:`Step.of`).
@@ -85,7 +86,7 @@ class QueueFetch:
 
     def _args(self, mode: str, *, drain_first: bool) -> list:
         now = time.time()
-        return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0"]
+        return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0", self.carried_prefix]
 
 
 def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) -> list[bytes]:

@@ -2,7 +2,7 @@
 -- that key taken while it ran (parked) go back to the head of the queue, oldest first.
 -- KEYS[1] started: key -> JSON {id, tag, at}   KEYS[2] parked: key -> JSON [message]
 -- KEYS[3] the ready list (its right end is the head of the queue)   KEYS[4] kombu's list
--- KEYS[5] carried: id -> JSON [{id, batch}]   KEYS[6] key of: id -> coalesce key
+-- KEYS[5] the list of ids the finished callout carried   KEYS[6] key of: id -> coalesce key
 -- ARGV[1] the coalesce key, ARGV[2] the task id that finished
 -- Returns how many parked messages went back to the head.
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
@@ -21,6 +21,6 @@ if raw and cjson.decode(raw).id == ARGV[2] then
         end
     end
 end
-redis.call('HDEL', KEYS[5], ARGV[2])
+redis.call('DEL', KEYS[5])
 redis.call('HDEL', KEYS[6], ARGV[2])
 return moved

@@ -9,20 +9,24 @@
 -- KEYS[1] kombu's list of the queue        KEYS[2] the ready list
 -- KEYS[3] kombu unacked hash               KEYS[4] kombu unacked index
 -- KEYS[5] waiting: key -> carrier id       KEYS[6] started: key -> JSON {id, tag, at}
--- KEYS[7] parked: key -> JSON [message]    KEYS[8] newest: carrier id -> JSON {body, carried}
--- KEYS[9] carried: id -> JSON [{id, batch}] KEYS[10] key of: id -> coalesce key
--- KEYS[11] counts (hash)                   KEYS[12] the worker's fetch list (unreadable messages)
+-- KEYS[7] parked: key -> JSON [message]    KEYS[8] newest: carrier id -> the newest body (base64)
+-- KEYS[9] key of: id -> coalesce key       KEYS[10] counts (hash)
+-- KEYS[11] the worker's fetch list (unreadable messages)
 -- ARGV[1] 'take' or 'absorb'   ARGV[2] now (s, the worker's clock, as kombu)   ARGV[3] now (ms)
 -- ARGV[4] how many messages a drain reads at most   ARGV[5] '1': drain kombu's list before taking
--- absorb: ARGV[6] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
+-- ARGV[6] the name of a carried list without its task id: <ARGV[6]><id> is the list of JSON
+-- {id, batch} that callout carries (one list per carrier, appended to: a record changed 10 000
+-- times costs 10 000 appends, not a growing document rewritten each time; standalone Redis)
+-- absorb: ARGV[7] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
 -- '1' if redelivered): kombu's n oldest messages, oldest first, exactly as read.
 -- Returns {'msg', message} taken and unacked; {'drain', messages newest first} read kombu's list
 -- first (absorb them); {'empty'} nothing to take; {'bad', message} unreadable, moved to the
 -- fetch list (the caller dead-letters it).
 local QUEUE, READY, UNACKED, UNACKED_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local WAITING, STARTED, PARKED, NEWEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local CARRIED, KEY_OF, COUNTS, FETCH = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local KEY_OF, COUNTS, FETCH = KEYS[9], KEYS[10], KEYS[11]
 local now, now_ms, batch, drain_first = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
+local CARRIED_PREFIX = ARGV[6]
 
 local BODY = '^{"body"%s*:%s*"[^"]*"'
 
@@ -55,15 +59,17 @@ end
 
 -- a newer callout with a waiting carrier's key: the carrier will send its arguments
 local function coalesce(message, id, batch_id, carrier)
-    local newest = redis.call('HGET', NEWEST, carrier)
-    local carried = newest and copy(cjson.decode(newest).carried) or {}
-    carried[#carried + 1] = {id = id, batch = batch_id}
-    for _, x in ipairs(list_of(redis.call('HGET', CARRIED, id))) do  -- what this one carried before
-        carried[#carried + 1] = x
+    local carried = CARRIED_PREFIX .. carrier
+    redis.call('RPUSH', carried, cjson.encode({id = id, batch = batch_id}))
+    local own = CARRIED_PREFIX .. id  -- what this one carried before (a restored carrier)
+    if redis.call('EXISTS', own) == 1 then
+        for _, x in ipairs(redis.call('LRANGE', own, 0, -1)) do
+            redis.call('RPUSH', carried, x)
+        end
+        redis.call('DEL', own)
     end
-    redis.call('HDEL', CARRIED, id)
     redis.call('HDEL', KEY_OF, id)
-    redis.call('HSET', NEWEST, carrier, cjson.encode({body = body_of(message), carried = carried}))
+    redis.call('HSET', NEWEST, carrier, body_of(message))
     redis.call('HINCRBY', COUNTS, 'coalesced', 1)
 end
 
@@ -120,14 +126,8 @@ local function take()
                     redis.call('HDEL', WAITING, key)
                 end
                 local newest = redis.call('HGET', NEWEST, id)
-                if newest then
-                    local entry = cjson.decode(newest)
-                    local carried = list_of(redis.call('HGET', CARRIED, id))
-                    for _, x in ipairs(copy(entry.carried)) do
-                        carried[#carried + 1] = x
-                    end
-                    message = with_body(message, entry.body)
-                    redis.call('HSET', CARRIED, id, cjson.encode(carried))
+                if newest then  -- it sends the newest arguments; the ids it carries stay in its list
+                    message = with_body(message, newest)
                     redis.call('HDEL', NEWEST, id)
                 end
             end
@@ -152,19 +152,19 @@ local function next_step()
 end
 
 if ARGV[1] == 'absorb' then
-    local n = tonumber(ARGV[6])
+    local n = tonumber(ARGV[7])
     local oldest = redis.call('LRANGE', QUEUE, -n, -1)  -- newest first
     if #oldest ~= n then
         return next_step()
     end
     for i = 1, n do
-        if oldest[n - i + 1] ~= ARGV[6 + (i - 1) * 5 + 1] then
+        if oldest[n - i + 1] ~= ARGV[7 + (i - 1) * 5 + 1] then
             return next_step()  -- another worker took some of them meanwhile: read again
         end
     end
     redis.call('LTRIM', QUEUE, 0, -n - 1)
     for i = 1, n do
-        local at = 6 + (i - 1) * 5
+        local at = 7 + (i - 1) * 5
         admit(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5] == '1')
     end
 end
