@@ -210,7 +210,7 @@ def envelope(kwargs, *, task="tasks.callout", headers=None, content_type="applic
 @pytest.mark.parametrize("pad", range(6))
 def test_the_key_is_found_at_every_byte_alignment(pad):
     a = coalescing.arrival(envelope({"url": "http://x/" + "y" * pad, "coalesce_key": "order-42"}))
-    assert (a.key, a.task_id, a.redelivered) == ("order-42", "tid-1", False)
+    assert (a.key, a.task_id, a.solo) == ("order-42", "tid-1", False)
 
 
 @pytest.mark.unit
@@ -229,10 +229,13 @@ def test_a_message_without_a_valid_key_is_never_coalesced(message):
 
 
 @pytest.mark.unit
-def test_a_redelivered_message_and_its_batch_are_read():
+def test_a_redelivered_or_expiring_message_is_solo_and_its_batch_is_read():
     a = coalescing.arrival(envelope({"url": "http://x/", "coalesce_key": "k"},
                                     headers={"redelivered": True, "onelane_batch": "b-1"}))
-    assert a.redelivered and a.batch == "b-1" and a.key == "k"
+    assert a.solo and a.batch == "b-1" and a.key == "k"
+    assert not coalescing.arrival(envelope({"url": "http://x/", "coalesce_key": "k"})).solo
+    for header in ({"expires": "2030-01-01T00:00:00+00:00"}, {"eta": "2030-01-01T00:00:00+00:00"}):
+        assert coalescing.arrival(envelope({"url": "http://x/", "coalesce_key": "k"}, headers=header)).solo
 
 
 @pytest.mark.unit
@@ -250,3 +253,45 @@ def test_one_rule_for_a_coalesce_key(value, ok):
     else:
         with pytest.raises(ValidationError, match="coalesce_key"):
             validate({"url": "http://x/", "coalesce_key": value})
+
+
+@pytest.mark.redis
+def test_a_carrier_that_will_never_run_frees_its_key_and_ends_what_it_carried(redis_client, celery_app):
+    from onelane.core.outcome import Outcome
+
+    f = fetcher("bulk")
+    v1 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 1})
+    v2 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 2})
+    assert id_of(take(redis_client, f).message) == v1  # carries v2
+    v3 = publish(celery_app, queue="bulk", coalesce_key="r", json={"v": 3})
+    assert take(redis_client, f).kind == "empty"  # v3 parked behind v1
+    # v1 is revoked (or purged): its key is freed, v2 ends FAILURE naming it, v3 goes back to the head
+    coalescing.abandon(redis_client, KEYS, queue="bulk", key="r", task_id=v1, why="it was revoked",
+                       window_s=60, result_expires_s=60, now_ms=0)
+    outcome = Outcome.from_json(redis_client.get(KEYS.done(v2)))
+    assert outcome.status == "failure" and outcome.coalesced_into == v1 and "revoked" in outcome.error
+    meta = json.loads(redis_client.get(KEYS.celery_result(v2)))
+    assert meta["status"] == "FAILURE" and v1 in meta["result"]["exc_message"][0]
+    assert celery_app.AsyncResult(v2).state == "FAILURE"
+    step = take(redis_client, f)
+    assert id_of(step.message) == v3 and kwargs_of(step.message)["json"] == {"v": 3}
+    assert redis_client.exists(KEYS.coalesce_carried("bulk", v1)) == 0
+
+
+@pytest.mark.redis
+def test_the_reaper_frees_a_key_held_by_a_callout_held_nowhere(redis_client, celery_app):
+    from onelane.core.settings import get_settings
+    from onelane.delivery.reaper import reap_everything
+
+    f = fetcher()
+    v1 = publish(celery_app, coalesce_key="r")
+    message = take(redis_client, f).message
+    tag = json.loads(message)["properties"]["delivery_tag"]
+    s = get_settings()
+    # taken long ago (older than any callout may stay unacked) ...
+    redis_client.hset(KEYS.coalesce_started(QUEUE), "r",
+                      json.dumps({"id": v1, "tag": tag, "at": 0}))
+    assert reap_everything(redis_client, KEYS, s).freed_keys == []  # ... but still unacked: held
+    redis_client.hdel(KOMBU_UNACKED, tag)  # purged by hand
+    assert reap_everything(redis_client, KEYS, s).freed_keys == ["r"]
+    assert redis_client.hlen(KEYS.coalesce_started(QUEUE)) == 0

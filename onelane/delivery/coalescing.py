@@ -78,10 +78,13 @@ class Arrival:
     key: str = ""
     task_id: str = ""
     batch: str = ""
-    redelivered: bool = False
+    #: never carries nor is carried, but still never runs beside its key's running callout: a copy
+    #: delivered again (its data may be older than a waiting one's), or one with an expiry or an
+    #: ETA (it may never run, and must not take newer data down with it)
+    solo: bool = False
 
     def script_args(self, message: bytes) -> list:
-        return [message, self.key, self.task_id, self.batch, "1" if self.redelivered else "0"]
+        return [message, self.key, self.task_id, self.batch, "1" if self.solo else "0"]
 
 
 NO_KEY = Arrival()
@@ -109,8 +112,9 @@ def arrival(message: bytes) -> Arrival:
         return NO_KEY
     batch = headers.get("onelane_batch")
     info = props.get("delivery_info") or {}
+    redelivered = bool(headers.get("redelivered") or (isinstance(info, dict) and info.get("redelivered")))
     return Arrival(key=key, task_id=task_id, batch=batch if isinstance(batch, str) else "",
-                   redelivered=bool(headers.get("redelivered") or (isinstance(info, dict) and info.get("redelivered"))))
+                   solo=redelivered or bool(headers.get("expires") or headers.get("eta")))
 
 
 # -- after the carrier's outcome ------------------------------------------------------------------
@@ -166,7 +170,7 @@ def queue_carried_outcomes(pipe, keys: Keys, carried: list[dict], *, carrier: st
                                                      "exc_module": "onelane.core.errors"})
         pipe.set(keys.done(task_id), outcome.to_json(), ex=window_s)
         value = json.dumps(meta)
-        pipe.setex(Keys.celery_result(task_id), result_expires_s, value)
+        pipe.set(Keys.celery_result(task_id), value, ex=result_expires_s)
         pipe.publish(Keys.celery_result(task_id), value)  # wakes a producer waiting in AsyncResult.get()
         if entry.get("batch"):
             count_batch_outcome(pipe, keys, entry["batch"], "done" if status == SUCCESS else "dead_lettered",

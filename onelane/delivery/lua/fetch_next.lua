@@ -18,7 +18,8 @@
 -- {id, batch} that callout carries (one list per carrier, appended to: a record changed 10 000
 -- times costs 10 000 appends, not a growing document rewritten each time; standalone Redis)
 -- absorb: ARGV[7] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
--- '1' if redelivered): kombu's n oldest messages, oldest first, exactly as read.
+-- '1' if it must neither carry nor be carried: delivered again, or with an expiry or an ETA):
+-- kombu's n oldest messages, oldest first, exactly as read.
 -- Returns {'msg', message} taken and unacked; {'drain', messages newest first} read kombu's list
 -- first (absorb them); {'empty'} nothing to take; {'bad', message} unreadable, moved to the
 -- fetch list (the caller dead-letters it).
@@ -74,9 +75,9 @@ local function coalesce(message, id, batch_id, carrier)
 end
 
 -- one message read from kombu's list, to the tail of the ready list (or carried by a waiting one)
-local function admit(message, key, id, batch_id, redelivered)
+local function admit(message, key, id, batch_id, solo)
     if key ~= '' and id ~= '' then
-        if not redelivered and started_id(key) ~= id then
+        if not solo and started_id(key) ~= id then
             local carrier = redis.call('HGET', WAITING, key)
             if carrier and carrier ~= id then
                 coalesce(message, id, batch_id, carrier)
