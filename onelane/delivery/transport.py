@@ -114,6 +114,7 @@ class LossProofFetch:
             except self.connection_errors:
                 self.client.connection.disconnect()
                 self._fetch_ready = None  # give anything left in the fetch list back first
+                self._wait_next = False  # and take first: something may have come back meanwhile
                 raise
             if mode == "wait":
                 self._wait_next = False
