@@ -13,6 +13,7 @@ from kombu import Exchange, Queue
 
 from onelane.core.settings import Settings, get_settings
 from onelane.delivery.scheduler import REAPER_ENTRY
+from onelane.delivery.transport import same_transport_failover
 
 #: the module that defines ``tasks.callout``, imported by the worker
 TASK_MODULE = "onelane.task"
@@ -46,6 +47,8 @@ def celery_config(s: Settings) -> dict:
         "worker_lost_wait": 1.0,
         # kombu restores unacked messages older than this; it must exceed the longest callout
         "broker_transport_options": {"visibility_timeout": s.effective_visibility_timeout_s, **_sentinel(s)},
+        # on a reconnect, kombu would swap in its own transport for the next sentinel:// address
+        "broker_failover_strategy": same_transport_failover,
         "broker_connection_retry_on_startup": True,
         # A Redis that refuses for a while (OOM at maxmemory, READONLY during a failover) is a
         # reason to reconnect and go on, never to exit: the consumer treats those replies as it

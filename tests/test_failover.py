@@ -86,8 +86,16 @@ def flow_through(kind, base_env, cluster, api, start, n=24):
         cluster.failover()
     lost_at = time.time()
     cluster.wait_failover(old)
-    for r in results:
-        assert result_of(r, cluster)["status_code"] == 200
+    try:
+        for r in results:
+            assert result_of(r, cluster)["status_code"] == 200
+    except Exception:
+        print("\nWORKER LOG", "\n".join(line for line in w.log().splitlines()
+                                         if not line.startswith((" ", "Traceback")))[-6000:])
+        c = master_client(cluster)
+        print("\nREDIS", {k: c.type(k) for k in c.keys("*")}, "serial", c.llen("serial"), "ready",
+              c.llen(KEYS.ready("serial")), "unacked", c.hlen("unacked"), c.hgetall(KEYS.coalesce_started("serial")))
+        raise
     calls = api.snapshot()
     keys = [c.key for c in calls]
     # every callout reached the API exactly once (a call in flight at the failover is not

@@ -115,3 +115,24 @@ def test_a_worker_with_a_bad_setting_exits_non_zero_naming_the_variable(base_env
     assert "ready." not in out
     # ... in one line, without Celery's "Unable to load" and a traceback
     assert "Traceback" not in out and "Unable to load" not in out, out[-3000:]
+
+
+@pytest.mark.unit
+def test_a_reconnect_behind_sentinel_keeps_onelanes_transport():
+    """kombu's failover would take the next sentinel:// address's scheme as the transport (its plain
+    one, without the loss-proof fetch); onelane's broker keeps its own on every reconnect."""
+    from onelane.celery_app import make_app
+    from onelane.delivery.transport import SentinelTransport
+
+    url = "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2:26380;sentinel://:pw@10.0.0.3:26381"
+    app = make_app(load_settings({"REDIS_URL": url, "ONELANE_SENTINEL_MASTER": "mymaster"}))
+    conn = app.connection_for_read()
+    try:
+        assert conn.transport.__class__ is SentinelTransport
+        for _ in range(4):  # what Celery does each time a connection attempt fails
+            conn.maybe_switch_next()
+            assert conn.transport.__class__ is SentinelTransport
+        # the Sentinel pool still asks every sentinel of the URL where the master is
+        assert [a.split("@")[1] for a in conn.alt] == ["10.0.0.1:26379", "10.0.0.2:26380", "10.0.0.3:26381"]
+    finally:
+        conn.release()

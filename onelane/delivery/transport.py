@@ -24,11 +24,13 @@ It overrides two internal methods of kombu's Redis channel (``_brpop_start`` and
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import time
 from queue import Empty
+from urllib.parse import urlsplit
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -224,3 +226,17 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     """For ``sentinel://`` URLs: the broker follows the master the sentinels name."""
 
     Channel = SentinelChannel
+
+
+def same_transport_failover(alternates: list[str]):
+    """The broker's failover strategy: reconnect with onelane's transport, every time.
+
+    Given ``sentinel://h1;sentinel://h2;...``, kombu's ``Connection.switch()`` (called on every
+    reconnect) parses the next URL and takes its scheme as the transport, so after the first lost
+    connection the worker would consume through kombu's plain Sentinel transport: without the
+    loss-proof fetch, and blind to the queue's ready list. Handing kombu a bare host name instead
+    keeps the transport given at start. Which sentinel it names does not matter: the Sentinel pool
+    asks every sentinel of the URL (``Connection.alt``) where the master is.
+    """
+    first = urlsplit(alternates[0]).hostname or "localhost"
+    return itertools.repeat(first)
