@@ -22,6 +22,8 @@
 10. Coalescing (bench/coalescing.py): the fetch's cost at depths 100 and 100 000, with keys and
    without; a worker's cost per callout with keys; records changing faster than a lane of
    200 ms calls keeps up, with keys and without: calls made and wall time.
+11. High availability (bench/replication.py): the overhead run on a single Redis, and behind
+   Sentinel with one replica, without and with the replica wait (ONELANE_MIN_REPLICAS=1).
 Each scenario uses its own private redis-server(s); nothing touches a shared Redis.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ from demo.redis_server import RedisServer  # noqa: E402
 from tests.procs import CeleryProcess, children, wait_for  # noqa: E402
 from bench.intake import report_rows as intake_rows, run as intake_bench  # noqa: E402
 from bench.coalescing import report_rows as coalescing_rows, run as coalescing_bench  # noqa: E402
+from bench.replication import report_rows as replication_rows, run as replication_bench  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -507,6 +510,8 @@ def report(res):
         t.add_row(*row)
     for row in coalescing_rows(res["coalescing"]) if "coalescing" in res else []:
         t.add_row(*row)
+    for row in replication_rows(res["replication"]) if "replication" in res else []:
+        t.add_row(*row)
     console.print(t)
 
 
@@ -549,6 +554,8 @@ def main(argv=None) -> int:
     res["intake"] = intake_bench(a.quick)
     console.print("coalescing: the fetch at depth, and records changing faster than the lane ...")
     res["coalescing"] = coalescing_bench(a.quick, env_for)
+    console.print("high availability: single Redis, Sentinel without and with the replica wait ...")
+    res["replication"] = replication_bench(a.quick, env_for)
     Path(a.out).write_text(json.dumps(res, indent=2))
     report(res)
     console.print(f"written to {a.out}")

@@ -59,3 +59,7 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert seed["plain"]["calls"] == seed["plain"]["updates"] == 32 and seed["keyed"]["calls"] < 32
     assert seed["keyed"]["newest_sent_for_every_record"] and seed["keyed"]["overlaps"] == 0
     assert "coalescing" in run.stdout
+    ha = res["replication"]
+    for k in ("single", "sentinel_min_replicas_0", "sentinel_min_replicas_1"):
+        assert ha[k]["calls"] == ha["calls"] == 50 and ha[k]["overlaps"] == 0 and ha[k]["per_s"] > 0
+    assert ha["replica_wait_ratio"] > 0 and "replica wait" in run.stdout
