@@ -200,12 +200,14 @@ def test_beat_killed_and_doubled_requeues_once_loses_nothing(base_env, redis_cli
     r1 = publish(celery_app, api, "k1")
     later = [publish(celery_app, api, f"k{i}") for i in range(2, 7)]
     first_call(api, "k1")
-    # kill -9 beat and start it again, with a second beat beside it
+    # kill -9 beat and the worker mid-callout (k1 takes 1.5 s: both die before it ends, however
+    # slow the machine), and leave the queue without a worker: only the beats act
     b1.kill9(whole=True)
+    w1.kill9(whole=True)
+    assert api.calls_for("k1")[0].end is None, "k1 ended before the worker was killed: the test needs it in flight"
+    # beat started again, with a second beat beside it
     start(procs.beat(env, "beat2"))
     start(procs.beat(env, "beat3"))
-    # kill the worker mid-callout and leave the queue without a worker: only the beats act
-    w1.kill9(whole=True)
 
     def waiting_ids():  # the queue, head first: its ready list, then kombu's list
         return [json.loads(i)["headers"]["id"] for i in flow.waiting(redis_client, KEYS, "serial")]
