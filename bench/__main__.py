@@ -6,7 +6,9 @@
    Celery task doing the same requests call with the same worker configuration and task
    events on (-E), with the prefork pool (concurrency 1) and with --pool solo: calls/s, the
    handoff gap, and per callout the CPU of every worker process, Redis's CPU (INFO cpu), and
-   Redis's round trips and commands, each named (INFO commandstats) — bench/cost.py.
+   Redis's round trips and commands, each named (INFO commandstats) — bench/cost.py. Then
+   (not with --quick) the same with calls of 300 ms, as ``make demo`` makes them: the handoff
+   gap after a call long enough for every process to go idle.
 2. Contention: 50 jobs needing an exclusive resource for 200 ms each, launched at once:
    onelane's serial queue against 8 workers spinning on a Redis lock.
 3. Recovery: kill -9 mid-callout (pool child, whole worker) until the retry reaches the
@@ -134,8 +136,8 @@ def measured_run(server, api, module, queue, worker_args, n, publish, warm=3, ti
 BARE_FLAGS = ("-E",)
 
 
-def run_throughput(module, task, queue, n, extra_args=()):
-    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0) as api:
+def run_throughput(module, task, queue, n, extra_args=(), delay_s=0.0):
+    with RedisServer(appendonly=False) as server, FragileAPI(delay_s=delay_s) as api:
         env = env_for(server.url)
 
         def publish(app, i):
@@ -170,6 +172,13 @@ def overhead(n, pools):
         out[pool] = {"onelane": ol, "bare": bare, "ratio": round(ol["per_s"] / bare["per_s"], 3),
                      "cost_ratio": cost_ratios(ol["cost"], bare["cost"])}
     return out
+
+
+def handoff_after_long_calls(n, call_s):
+    """The handoff gap when each call takes ``call_s`` (as in ``make demo``), onelane and bare, prefork."""
+    ol = run_throughput("tasks", "tasks.callout", "serial", n, delay_s=call_s)
+    bare = run_throughput("bench.bare_app", "bare.call", "bare", n, delay_s=call_s)
+    return {"call_s": call_s, "onelane": ol, "bare": bare, "cost_ratio": cost_ratios(ol["cost"], bare["cost"])}
 
 
 # -- 2. contention -----------------------------------------------------------------------------
@@ -515,6 +524,14 @@ def report(res):
         t.add_row("  worker RSS MB (parent + child)", str(ol["rss_mb"]), str(b["rss_mb"]), "")
         for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"]):
             t.add_row(*row)
+    lc = res.get("long_calls")
+    if lc:
+        ol, b = lc["onelane"], lc["bare"]
+        t.add_row(f"handoff after {lc['call_s'] * 1000:.0f} ms calls (as make demo), {ol['calls']} calls, prefork: "
+                  "gap p50 / p99 ms", f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']}", f"{b['gap_p50_ms']} / {b['gap_p99_ms']}",
+                  f"p50 +{ol['gap_p50_ms'] - b['gap_p50_ms']:.2f} ms")
+        for row in cost_rows(ol["cost"], b["cost"], lc["cost_ratio"]):
+            t.add_row(*row)
     c = res["contention"]
     t.add_row(f"contention, {res['args']['jobs']} jobs x 200 ms: seconds", str(c["onelane"]["seconds"]),
               str(c["spinlock"]["seconds"]),
@@ -650,6 +667,9 @@ def main(argv=None) -> int:
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "jobs": jobs, "quick": a.quick}}
     console.print(f"overhead: {calls} callouts each way ...")
     res["overhead"] = overhead(calls, ["prefork", "solo"])
+    if not a.quick:  # the smoke run skips it: it is the overhead scenario with slow calls
+        console.print("handoff after 300 ms calls, as make demo ...")
+        res["long_calls"] = handoff_after_long_calls(40, 0.3)
     console.print(f"contention: {jobs} jobs ...")
     res["contention"] = contention(jobs)
     cap_calls = 200 if a.quick else 2000
