@@ -65,6 +65,8 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout
     assert "intake" in run.stdout
     assert "worker CPU ms / callout" in run.stdout and "Redis commands per callout" in run.stdout
+    assert "issue 14 targets" in run.stdout and all({"target", "measured", "goal", "met"} <= set(t)
+                                                    for t in res["targets"]) and len(res["targets"]) == 13
     co = res["coalescing"]
     fetch = {(f["depth"], f["keyed"]): f for f in co["fetch"]}
     assert set(fetch) == {(100, False), (100, True), (1000, False), (1000, True)}
