@@ -23,6 +23,17 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert over["onelane"]["calls"] == 60 and over["bare"]["calls"] == 60
     assert over["onelane"]["overlaps"] == 0 and over["ratio"] > 0
     assert over["onelane"]["rss_mb"] > 0 and over["bare"]["rss_mb"] > 0
+    for pool in ("prefork", "solo"):  # per-callout costs of both, in the same run
+        o = res["overhead"][pool]
+        assert o["onelane"]["calls"] == o["bare"]["calls"] == 60 and o["onelane"]["overlaps"] == 0
+        for side in ("onelane", "bare"):
+            cost = o[side]["cost"]
+            assert cost["worker_cpu_ms_per_callout"] > 0 and cost["redis_cpu_ms_per_callout"] >= 0
+            assert cost["redis_round_trips_per_callout"] > 0 and cost["redis_commands"]
+        assert o["onelane"]["cost"]["redis_commands"].get("evalsha", 0) > 0  # onelane's scripts ran
+        assert "brpop" in o["bare"]["cost"]["redis_commands"]  # kombu's own fetch
+        assert set(o["cost_ratio"]) == {"worker_cpu_ms_per_callout", "redis_cpu_ms_per_callout",
+                                        "redis_round_trips_per_callout", "redis_commands_per_callout"}
     c = res["contention"]
     assert c["onelane"]["overlaps"] == 0 and c["onelane"]["requeues"] == 0
     assert c["spinlock"]["seconds"] > 0
@@ -32,7 +43,10 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert res["recovery"]["bare"]["child"]["seconds_after_kill"] is not None
     cap = res["capacity"]
     assert cap["onelane_cap_25"]["failed_calls"] == 0 and cap["onelane_cap_25"]["max_concurrency"] <= 25
-    assert {"unlimited", "sleep_between_calls"} <= set(cap)
+    assert {"unlimited", "sleep_between_calls", "cost_ratio"} <= set(cap)
+    for name in ("onelane_cap_25", "unlimited"):
+        ceil = cap[name]["cost"]["ceilings"]
+        assert ceil["cap_calls_per_s"] == 500 and ceil["bound_by"] and 0 < ceil["utilisation_ceiling"] <= 1
     ln = res["lanes"]
     assert ln["lanes"] == 3 and ln["overlaps_within_a_lane"] == 0 and ln["max_lanes_in_flight_at_once"] >= 2
     assert ln["one_lane_rss_mb_prefork"] > 0 and ln["one_lane_rss_mb_solo"] > 0 and ln["total_rss_mb"] > 0
@@ -50,6 +64,9 @@ def test_bench_quick_measures_onelane_and_baselines(base_env, tmp_path):
     assert intake["accepting"]["send_task"]["per_s"] > 0 and intake["end_to_end"]["overlaps"] == 0
     assert "overhead" in run.stdout and "calls/s" in run.stdout and "outbox relay: rows/s" in run.stdout
     assert "intake" in run.stdout
+    assert "worker CPU ms / callout" in run.stdout and "Redis commands per callout" in run.stdout
+    assert "issue 14 targets" in run.stdout and all({"target", "measured", "goal", "met"} <= set(t)
+                                                    for t in res["targets"]) and len(res["targets"]) == 13
     co = res["coalescing"]
     fetch = {(f["depth"], f["keyed"]): f for f in co["fetch"]}
     assert set(fetch) == {(100, False), (100, True), (1000, False), (1000, True)}
