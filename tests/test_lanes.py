@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 
 from demo.fragile_api import FragileAPI, Reply
 from onelane.core.keys import Keys
+from onelane.delivery import flow
 from tests import procs
 from tests.procs import wait_for
 from tests.producer_proc import Producers
@@ -119,9 +120,11 @@ def test_a_killed_lanes_orphan_is_requeued_at_the_head_of_its_lane_by_beat(base_
     billing = [send(celery_app, "billing", apis["billing"], f"b{i}") for i in range(10)]
     assert all(r.get(timeout=30)["status_code"] == 200 for r in billing)
     # Then beat (no per-lane setting) puts the orphan back at the head of erp after its deadline
-    wait_for(lambda: redis_client.lindex("erp", -1) is not None
-             and json.loads(redis_client.lindex("erp", -1))["headers"]["id"] == first.id, 30,
-             what="the orphan back at the head of erp")
+    def head_id():  # the head of the lane: its ready list's, else kombu's list's
+        raw = flow.head(redis_client, KEYS, "erp")
+        return raw and json.loads(raw)["headers"]["id"]
+
+    wait_for(lambda: head_id() == first.id, 30, what="the orphan back at the head of erp")
     requeued_after = time.time() - killed_at
     assert requeued_after >= 2 - 1.5 - 0.2  # not before the killed attempt's deadline (it started 1.5 s ago+)
     start(lane_worker(env, "erp", "erp-again"))
