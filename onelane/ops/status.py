@@ -152,8 +152,13 @@ def _guard(client, keys: Keys, queue: str) -> dict | None:
 
 
 def _standbys(client, keys: Keys, queue: str) -> list[dict]:
+    return live_standbys(client.hvals(keys.standbys(queue)))
+
+
+def live_standbys(values) -> list[dict]:
+    """The standbys that announced themselves lately, from an HVALS reply of a lane's standby hash."""
     out = []
-    for raw in client.hvals(keys.standbys(queue)):
+    for raw in values:
         info = json.loads(raw)
         if time.time() * 1000 - info.get("seen_ms", 0) < STANDBY_SEEN_MS:
             out.append(info)
