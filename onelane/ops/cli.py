@@ -647,7 +647,8 @@ def exporter(port, bind, once):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):  # timed: a signal is noticed within half a second, whatever the platform
+        pass
     server.shutdown()
 
 
