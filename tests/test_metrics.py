@@ -197,3 +197,101 @@ def test_serve_answers_http(redis_client, redis_server):
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+class RoundTrips:
+    """Counts what reaches Redis: pipeline executions and single commands (a pipeline's own
+    commands are not single commands; nor is the one-time SCRIPT LOAD of a script)."""
+
+    def __init__(self, monkeypatch):
+        self.pipelines = 0
+        self.commands = 0
+        self.names = []
+        real_execute, real_command = redis.client.Pipeline.execute, redis.Redis.execute_command
+
+        def execute(pipe, *a, **kw):
+            self.pipelines += 1
+            return real_execute(pipe, *a, **kw)
+
+        def command(client, *a, **kw):
+            # a script is loaded once per process, not per callout
+            if not isinstance(client, redis.client.Pipeline) and a[0] != "SCRIPT LOAD":
+                self.commands += 1
+                self.names.append(a[0])
+            return real_command(client, *a, **kw)
+        monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+        monkeypatch.setattr(redis.Redis, "execute_command", command)
+
+    @property
+    def total(self) -> int:
+        return self.pipelines + self.commands
+
+
+@pytest.mark.redis
+def test_the_callout_steps_count_on_the_round_trips_they_already_make(redis_client, redis_server, monkeypatch):
+    from types import SimpleNamespace
+
+    from onelane.callout.classify import FAILED, RETRY, Reply, Verdict
+    from onelane.callout.run import CalloutRun
+
+    from tests.test_run_steps import FakeClock
+
+    s = settings_for(redis_server.url, ONELANE_ALLOW_PRIVATE_NETWORKS="1")
+
+    def begin(task_id):
+        req = SimpleNamespace(id=task_id, delivery_info={"routing_key": "erp"}, properties={"delivery_tag": ""})
+        return CalloutRun.begin(req, (), {"url": "http://api.example/x", "resource": "acme"}, settings=s,
+                                clock=FakeClock())
+
+    ok = SimpleNamespace(status_code=200, headers={}, body=b"ok", encoding="utf-8", elapsed_ms=5.0,
+                         url="http://api.example/x", truncated=False, content_type="text/plain")
+    # Given a run that succeeds: its outcome, release and counters go in one transaction
+    run = begin("t-ok")
+    with run.permit(run.preflight()) as attempt:
+        trips = RoundTrips(monkeypatch)
+        run.record_success(attempt, Reply(response=ok, started=1.0, elapsed_ms=120.0), Verdict("succeeded",
+                                                                                              api_up=True))
+        assert trips.total == 1, (trips.pipelines, trips.names)
+    monkeypatch.undo()
+    # ... a run whose attempt fails and will be retried: the attempt and its counters, one transaction
+    run = begin("t-bad")
+    with run.permit(run.preflight()) as attempt:
+        pass
+    trips = RoundTrips(monkeypatch)
+    run.record_attempt(attempt, Reply(error="connection error: refused", started=1.0, elapsed_ms=3.0),
+                       Verdict(RETRY, "connection error: refused", wait_s=1.0))
+    assert trips.total == 1, (trips.pipelines, trips.names)
+    monkeypatch.undo()
+    run.record_attempt(attempt, Reply(error="connection error: refused", started=1.0, elapsed_ms=3.0),
+                       Verdict(FAILED, "connection error: refused"))
+    run.dead_letter("failed after 2 attempts")
+
+    # Then the counters say so, once each
+    got = counters.parse_counters({k.decode(): v for k, v in redis_client.hgetall(KEYS.metric_counters).items()})
+    assert got == {("succeeded", "erp", "acme"): 1, ("attempts", "erp", "acme", "2xx"): 1,
+                   ("attempts", "erp", "acme", "error"): 2, ("retried", "erp", "acme"): 1,
+                   ("failed", "erp", "acme"): 1, ("dead_lettered", "erp", "acme"): 1}
+    hist = counters.parse_histograms({k.decode(): v for k, v in
+                                      redis_client.hgetall(KEYS.metric_histograms).items()})
+    series = hist[("callout_duration_seconds", "erp", "acme")]
+    assert series["buckets"][-1] == 3 and series["sum"] == pytest.approx(0.126)
+
+
+@pytest.mark.redis
+def test_the_reaper_counts_the_orphans_it_requeues(redis_client, celery_app):
+    from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
+    from onelane.delivery.reaper import reap
+
+    # Given a bulk message kombu holds unacked for a receiver that is gone
+    celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/x"}, queue="bulk")
+    message = json.loads(redis_client.rpop("bulk"))
+    tag = message["properties"]["delivery_tag"]
+    redis_client.zadd(KOMBU_UNACKED_INDEX, {tag: time.time()})
+    redis_client.hset(KOMBU_UNACKED, tag, json.dumps([message, "", "bulk"]))
+    redis_client.hset(KEYS.reserved("bulk"), tag, "dead-token")
+    # When the reaper runs twice
+    first = reap(redis_client, KEYS, lanes=["serial"], bulk_queues=["bulk"], margin_ms=2000)
+    reap(redis_client, KEYS, lanes=["serial"], bulk_queues=["bulk"], margin_ms=2000)
+    # Then the orphan is counted once
+    assert len(first.requeued) == 1
+    assert redis_client.hget(KEYS.metric_counters, counters.field("orphans_requeued", "bulk")) == b"1"

@@ -116,9 +116,11 @@ def test_prometheus_holds_what_the_api_saw_and_the_dead_letter_alert_fires(base_
     prom = Prometheus(f"127.0.0.1:{export_port}")
     with FragileAPI() as api1, FragileAPI() as api2:
         try:
-            # Given two lane workers, a standby on the second lane, the exporter and Prometheus
+            # Given two lane workers, a standby on the second lane, beat, the exporter and Prometheus
             w1 = start(procs.worker(env, "m1", queue="m1"), wait_ready=False)
             w2 = start(procs.worker(env, "m2", queue="m2"), wait_ready=False)
+            beat_port = free_port()  # beat serves the same metrics with ONELANE_METRICS_PORT
+            start(procs.beat({**env, "ONELANE_METRICS_PORT": str(beat_port)}), wait_ready=False)
             prom.start()
             w1.wait_log("ready.", 30)
             w2.wait_log("ready.", 30)
@@ -183,6 +185,14 @@ def test_prometheus_holds_what_the_api_saw_and_the_dead_letter_alert_fires(base_
             seen = []
             wait_for(lambda: seen.append(firing()) or seen[-1] == expected, 20, 0.5,
                      "exactly the dead-letter and circuit alerts to fire")
+
+            def beat_metrics():
+                try:
+                    return http_get(f"http://127.0.0.1:{beat_port}/metrics").decode()
+                except OSError:
+                    return ""
+            wait_for(lambda: 'onelane_callouts_succeeded_total{lane="m2",resource="m2"} 6.0' in beat_metrics(), 20,
+                     0.5, "beat's metrics endpoint")
 
             scrape = http_get(f"http://127.0.0.1:{export_port}/metrics").decode()
             print("\n" + "\n".join(line for line in scrape.splitlines()
