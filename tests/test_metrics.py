@@ -94,6 +94,8 @@ def test_exporter_output_parses_and_shows_each_lane_and_resource(redis_client, r
                                                     "open_until": int(time.time() * 1000) + 60_000})
     redis_client.sadd(KEYS.circuit_index, "erp")
     redis_client.set(KEYS.lease(KEYS.slot("bulkapi", 2)), "tok", px=60_000)
+    redis_client.hset(KEYS.outbox_lanes, "erp", json.dumps({"depth": 4, "oldest_age_ms": 2000,
+                                                            "reported_ms": int(time.time() * 1000)}))
     counters.count(redis_client, KEYS, "succeeded", "erp", "erp", by=7)
     counters.count(redis_client, KEYS, "attempts", "erp", "erp", "5xx")
     counters.observe(redis_client, KEYS, "slot_wait_seconds", 0.02, "bulk", "bulkapi")
@@ -117,6 +119,8 @@ def test_exporter_output_parses_and_shows_each_lane_and_resource(redis_client, r
     assert value(scrape, "onelane_fencing_token", resource="erp") == 41
     assert value(scrape, "onelane_circuit_state", resource="erp", state="open") == 1
     assert value(scrape, "onelane_circuit_state", resource="erp", state="closed") == 0
+    assert value(scrape, "onelane_outbox_depth", lane="erp") == 4
+    assert value(scrape, "onelane_outbox_oldest_age_seconds", lane="erp") >= 2
     assert value(scrape, "onelane_slots_held", resource="bulkapi") == 1
     assert value(scrape, "onelane_slots_cap", resource="bulkapi") == 3
     assert value(scrape, "onelane_adaptive_cap", resource="bulkapi") == 3

@@ -12,6 +12,7 @@ every worker's work is counted once and survives restarts of workers and of this
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
 from onelane.delivery import flow, registry
 from onelane.delivery.messages import parse_queued, task_id_of
-from onelane.ops.status import live_standbys
+from onelane.ops.status import live_standbys, outbox_report
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +269,11 @@ def _waiting_s(head_raw, seen: dict, now_ms: int) -> tuple[float | None, str | N
 
 
 def _outbox(raw: str, now_ms: int) -> tuple[int, float | None]:
-    import json
-
     try:
-        r = json.loads(raw)
-    except ValueError:
+        depth, oldest_s, _since_ms = outbox_report(json.loads(raw), now_ms)
+    except (ValueError, TypeError, AttributeError):
         return 0, None
-    since_ms = max(0, now_ms - int(r.get("reported_ms", now_ms)))
-    age_ms = r.get("oldest_age_ms")
-    return int(r.get("depth", 0)), None if age_ms is None else (age_ms + since_ms) / 1000
+    return depth, oldest_s
 
 
 # -- the Prometheus side ---------------------------------------------------------------------------
