@@ -232,14 +232,16 @@ def read(client, keys: Keys, settings) -> Reading:
 def _resource_names(keys: Keys, lease_names, circuit_names, settings, counted: dict) -> list[str]:
     """Every resource worth a line: those with a lease or slot in the index, a circuit, a declared
     limit, or a count — never a scan of the key space."""
-    names = set()
+    capped = {r for r, _limit in settings.limits}
+    names = set(capped)
     for raw in lease_names:
         n = text(raw)
         if keys.is_worker_lease(n) or keys.is_relay_lease(n) or not n.startswith("resource:"):
             continue
-        names.add(n[len("resource:"):].split("#", 1)[0] if "#" in n else n[len("resource:"):])
+        name = n[len("resource:"):]
+        base, _, slot = name.rpartition("#")
+        names.add(base if base in capped and slot.isdigit() else name)  # a capped resource's slot: its resource
     names |= set(circuit_names)
-    names |= {r for r, _limit in settings.limits}
     names |= {k[2] for k in counted if len(k) > 2 and counters.COUNTERS[k[0]][1:2] == ("resource",)}
     return sorted(names)
 
