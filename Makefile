@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
-# the lane `make worker` / `make up` consume, and where Flower listens
+# the lane `make worker` / `make up` consume, and where Flower and the Prometheus exporter listen
 LANE          ?= $(or $(ONELANE_QUEUE),serial)
 FLOWER_PORT   ?= 5555
 FLOWER_ADDRESS ?= 127.0.0.1
+METRICS_PORT  ?= 9808
+METRICS_BIND  ?= 127.0.0.1
 
-.PHONY: help install test test-fast demo worker beat flower flower-auth up bench clean
+.PHONY: help install test test-fast demo worker beat flower flower-auth exporter up bench clean
 
 help:
 	@echo "make demo       run the main job: many producers, one worker, a fragile API, a summary"
@@ -16,8 +18,9 @@ help:
 	@echo "make worker     one worker on lane LANE (default: ONELANE_QUEUE or serial), e.g. make worker LANE=erp"
 	@echo "make beat       beat: the reaper of every lane"
 	@echo "make flower     Flower on $(FLOWER_ADDRESS):$(FLOWER_PORT) (needs FLOWER_BASIC_AUTH=user:password)"
-	@echo "make up         worker + beat + flower in the foreground; Ctrl-C stops all three"
-	@echo "                (worker, beat, flower, up: against REDIS_URL, default redis://localhost:6379/0)"
+	@echo "make exporter   Prometheus metrics on $(METRICS_BIND):$(METRICS_PORT)/metrics (onelane exporter)"
+	@echo "make up         worker + beat + flower + exporter in the foreground; Ctrl-C stops them all"
+	@echo "                (worker, beat, flower, exporter, up: against REDIS_URL, default redis://localhost:6379/0)"
 	@echo "make bench      onelane beside bare Celery, measured in one run"
 	@echo "make install    create $(VENV) and install onelane with its test tools"
 	@echo "make clean      remove $(VENV) and build leftovers"
@@ -53,7 +56,10 @@ flower: $(STAMP) flower-auth
 flower-auth:
 	@test -n "$$FLOWER_BASIC_AUTH" || { echo "set FLOWER_BASIC_AUTH=user:password first (Flower shows every callout)"; exit 2; }
 
-# worker + beat + flower in the foreground. Ctrl-C stops all three: each gets the terminal's
+exporter: $(STAMP)
+	$(BIN)/onelane exporter --port $(METRICS_PORT) --bind $(METRICS_BIND)
+
+# worker + beat + flower + exporter in the foreground. Ctrl-C stops them all: each gets the terminal's
 # SIGINT (the worker's is a warm shutdown), the shell tells them once more with SIGTERM and waits
 # for every one, so the prompt comes back only after the callout in flight has finished.
 up: $(STAMP) flower-auth
@@ -64,6 +70,7 @@ up: $(STAMP) flower-auth
 	$(BIN)/celery -A tasks worker -Q $(LANE) -n $(LANE)@%h -l info & pids="$$pids $$!"; \
 	$(BIN)/celery -A tasks beat -l info & pids="$$pids $$!"; \
 	$(BIN)/celery -A tasks flower --port=$(FLOWER_PORT) --address=$(FLOWER_ADDRESS) & pids="$$pids $$!"; \
+	$(BIN)/onelane exporter --port $(METRICS_PORT) --bind $(METRICS_BIND) & pids="$$pids $$!"; \
 	wait
 
 bench: $(STAMP)

@@ -46,6 +46,13 @@ def test_compose_redis_has_aof_everysec_a_volume_and_a_password():
     assert env["REDIS_URL"].startswith("redis://:") and "@redis:6379" in env["REDIS_URL"]
 
 
+def test_compose_exporter_runs_onelane_exporter_on_loopback():
+    svc = compose()["services"]["exporter"]
+    assert svc["command"][:2] == ["onelane", "exporter"]
+    assert "127.0.0.1:9808:9808" in svc["ports"]  # /metrics has no login
+    assert "onelane exporter" in (ROOT / "Makefile").read_text()
+
+
 def test_flower_requires_a_login_everywhere():
     assert "FLOWER_BASIC_AUTH" in compose()["services"]["flower"]["environment"]
     assert "FLOWER_BASIC_AUTH" in (ROOT / "Makefile").read_text()
@@ -55,7 +62,8 @@ def test_make_help_lists_every_target_a_user_runs():
     import subprocess
 
     out = subprocess.run(["make", "-s", "help"], cwd=str(ROOT), capture_output=True, text=True, timeout=30).stdout
-    for target in ("demo", "test", "test-fast", "worker", "beat", "flower", "up", "bench", "install", "clean"):
+    for target in ("demo", "test", "test-fast", "worker", "beat", "flower", "exporter", "up", "bench", "install",
+                   "clean"):
         assert f"make {target}" in out, (target, out)
 
 

@@ -28,7 +28,9 @@ THIRD_PARTY = {
     "composition": {"celery", "kombu"},
     # sqlalchemy and psycopg (the outbox extra) only inside the functions that need them;
     # starlette and uvicorn: the HTTP intake only (onelane/ops/intake/, the extra onelane[intake])
-    "ops": {"redis", "celery", "kombu", "click", "rich", "sqlalchemy", "psycopg", "starlette", "uvicorn"},
+    # prometheus_client: the exporter (onelane/ops/metrics.py)
+    "ops": {"redis", "celery", "kombu", "click", "rich", "sqlalchemy", "psycopg", "starlette", "uvicorn",
+            "prometheus_client"},
     "facade": set(),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.outcome import FAILURE, SUCCESS, Outcome, count_batch_outcome  # noqa: F401 (re-exported)
 from onelane.core.text import text
@@ -36,10 +37,12 @@ class Ledger:
             pipe.execute()
 
     def record_failure(self, *, task_id: str, queue: str, error: str, dead_letter: dict, now_ms: int,
-                       also=None) -> None:
-        """Record a failure for good and its dead letter; ``also(pipe)`` queues more writes on the same
-        transaction (the outcomes of the task ids a coalesced callout carried)."""
+                       also=None, resource: str | None = None) -> None:
+        """Record a failure for good and its dead letter (counted by lane and ``resource``, default: the
+        lane); ``also(pipe)`` queues more writes on the same transaction (the outcomes of the task ids
+        a coalesced callout carried)."""
         pipe = self.client.pipeline(transaction=True)
+        counters.count(pipe, self.keys, "dead_lettered", queue, resource or queue)
         pipe.set(self.keys.done(task_id), Outcome(FAILURE, task_id, error=error).to_json(), ex=self.window_s)
         pipe.hset(self.keys.dead_letters(queue), task_id, json.dumps(dead_letter))
         pipe.zadd(self.keys.dead_letter_index(queue), {task_id: now_ms})

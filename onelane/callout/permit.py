@@ -27,6 +27,7 @@ from onelane.coordination.adaptive import Adaptive
 from onelane.coordination.lease import Grant, Lease
 from onelane.coordination.rate import RateLimiter
 from onelane.coordination.slots import Semaphore
+from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
 from onelane.core.replication import Replicas
@@ -147,6 +148,7 @@ class SlotPermit:
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(self.keys.waits(self.resource), "count", 1)
         pipe.hincrbyfloat(self.keys.waits(self.resource), "total_ms", round(waited_ms, 1))
+        counters.observe(pipe, self.keys, "slot_wait_seconds", waited_ms / 1000, record.queue, self.resource)
         self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms), pipe=pipe)
         pipe.execute()
         return grant, waited_ms

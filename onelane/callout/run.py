@@ -41,6 +41,7 @@ from onelane.callout.validation import CalloutRequest, validate
 from onelane.coordination.circuit import Circuit, CircuitState
 from onelane.coordination.lease import Grant, new_token
 from onelane.core.clients import client_for, ride_out
+from onelane.core import counters
 from onelane.core.clock import redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
@@ -401,6 +402,8 @@ class CalloutRun:
             store_result(done, result)
         if d.batch:
             count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
+        counters.count(done, self.keys, "succeeded", d.queue, self.resource)
+        self._count_attempt(done, reply)
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         try:
             done.execute()
@@ -417,7 +420,16 @@ class CalloutRun:
     def record_attempt(self, attempt: Attempt, reply: Reply, verdict: Verdict) -> None:
         """Keep a failed attempt (for the attempt count and the dead letter); the circuit learns from it."""
         entry = attempt_entry(reply, verdict, attempt=attempt.number, fence=attempt.grant.fence)
-        self._redis(lambda: self.ledger.add_attempt(self.task_id, entry))
+
+        def keep() -> None:  # the attempt and its counters: one transaction
+            pipe = self.client.pipeline(transaction=True)
+            self.ledger.add_attempt(self.task_id, entry, pipe=pipe)
+            self._count_attempt(pipe, reply)
+            if not verdict.final:
+                counters.count(pipe, self.keys, "retried", self.delivery.queue, self.resource)
+            pipe.execute()
+
+        self._redis(keep)
         if verdict.api_up is None:
             return
         after = self._redis(lambda: self.circuit.record(ok=verdict.api_up, task_id=self.task_id))
@@ -447,7 +459,7 @@ class CalloutRun:
         def write():
             self._redis(lambda: _record_dead_letter(self.settings, self.client, self.keys, self.delivery,
                                                     self.stored_kwargs, error=error, kind="failed", attempts=attempts,
-                                                    coalesce=self._coalescing()))
+                                                    coalesce=self._coalescing(), resource=self.resource))
 
         write()
         self.replicas.ensure(self.client, self.keys.replication_probe, what=f"the dead letter of {self.task_id}",
@@ -491,6 +503,12 @@ class CalloutRun:
                                task_id=self.task_id)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _count_attempt(self, pipe, reply: Reply) -> None:
+        """Queue the counters of one finished HTTP attempt: its status class and its duration."""
+        lane = self.delivery.queue
+        counters.count(pipe, self.keys, "attempts", lane, self.resource, counters.status_class(reply.status))
+        counters.observe(pipe, self.keys, "callout_duration_seconds", reply.elapsed_ms / 1000, lane, self.resource)
+
     def _defer_or_sleep(self, wait_s: float, why: str) -> None:
         """Move the message to the delay set, due in ``wait_s``, and end the run (Ignore); a message
         not delivered through kombu (an eager call) cannot move, so sleep instead."""
@@ -553,12 +571,15 @@ def _reject(s: Settings, delivery: Delivery, stored: dict, args, kwargs, exc: Va
 
 
 def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, stored: dict, *, error: str,
-                        kind: str, attempts: list, coalesce: "Coalescing | None" = None) -> None:
+                        kind: str, attempts: list, coalesce: "Coalescing | None" = None,
+                        resource: str | None = None) -> None:
     entry = dead_letter_entry(delivery.task_id, delivery.queue, stored, reason=error, kind=kind,
                               attempts=attempts, batch=delivery.batch)
     now_ms = redis_now_ms(client)
 
     def also(pipe) -> None:
+        if kind == "failed":  # the API was called and failed for good (not bad input)
+            counters.count(pipe, keys, "failed", delivery.queue, resource or delivery.queue)
         if coalesce is not None:
             entry["carried"] = [c["id"] for c in coalesce.carried]
             coalesce.queue_end(pipe, s, client, keys, delivery, status=FAILURE, result=None, error=error,
@@ -566,7 +587,8 @@ def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, sto
 
     try:
         Ledger(client, keys, window_s=s.dedupe_window_s).record_failure(
-            task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms, also=also)
+            task_id=delivery.task_id, queue=delivery.queue, error=error, dead_letter=entry, now_ms=now_ms, also=also,
+            resource=resource)
     except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): the writes went through
         forget(client)
         if coalesce is not None:

@@ -230,13 +230,22 @@ class Lease:
     # -- reading ---------------------------------------------------------------------
     def holder(self) -> Holder | None:
         """Who holds the lease now, or None."""
-        k = self.keys
         pipe = self.client.pipeline(transaction=True)
-        pipe.get(k.lease(self.name))
-        pipe.hgetall(k.lease_holder(self.name))
-        pipe.pttl(k.lease(self.name))
+        self.queue_holder_reads(pipe)
         pipe.time()
         token, h, pttl, now = pipe.execute()
+        return self.holder_from(token, h, pttl, time_ms(now))
+
+    def queue_holder_reads(self, pipe) -> int:
+        """Queue on ``pipe`` the reads :meth:`holder_from` needs (token, holder hash, PTTL): 3 replies."""
+        pipe.get(self.keys.lease(self.name))
+        pipe.hgetall(self.keys.lease_holder(self.name))
+        pipe.pttl(self.keys.lease(self.name))
+        return 3
+
+    @staticmethod
+    def holder_from(token, h, pttl, now_ms: int) -> "Holder | None":
+        """The holder from the replies of :meth:`queue_holder_reads` and the Redis time (ms)."""
         if token is None:
             return None
         h = text_map(h)
@@ -248,7 +257,7 @@ class Lease:
             renewed_ms=int(h.get("renewed") or 0),
             since_ms=int(h.get("since") or 0),
             pttl_ms=int(pttl),
-            now_ms=time_ms(now),
+            now_ms=now_ms,
         )
 
     def fence(self) -> int:

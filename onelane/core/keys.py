@@ -220,6 +220,17 @@ class Keys:
         """Hash: the task id at the head of the queue and when it was first seen there (ms), for status."""
         return f"{self.prefix}:head:{queue}"
 
+    # -- metrics (see onelane.core.counters): written by workers, read by the exporter
+    @property
+    def metric_counters(self) -> str:
+        """Hash: JSON [metric, label values...] -> count (callouts succeeded, failed, retried, ...)."""
+        return f"{self.prefix}:metrics:counters"
+
+    @property
+    def metric_histograms(self) -> str:
+        """Hash: JSON [metric, label values..., bucket index | "sum"] -> count (or sum of seconds)."""
+        return f"{self.prefix}:metrics:histograms"
+
     # -- Redis itself
     @property
     def epoch(self) -> str:

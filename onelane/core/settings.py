@@ -131,6 +131,12 @@ class Settings:
     #: the largest body of a batch request, bytes (a single callout's is ONELANE_MAX_MESSAGE_BYTES)
     intake_max_batch_bytes: int = 16 << 20
 
+    # -- Prometheus metrics (onelane.ops.metrics)
+    #: beat also serves /metrics on this port (0: it does not; ``onelane exporter`` always can)
+    metrics_port: int = 0
+    #: the address beat's /metrics listens on
+    metrics_bind: str = "127.0.0.1"
+
     def limit_for(self, resource: str) -> Limit:
         """The declared limit of ``resource``; a resource without one is serial (concurrency 1)."""
         for name, limit in self.limits:
@@ -416,6 +422,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         outbox_poll_ms=_number(env, "ONELANE_OUTBOX_POLL_MS", 100, kind=int, low=1, high=60_000),
         outbox_keep_s=_number(env, "ONELANE_OUTBOX_KEEP", 86_400, kind=int, low=0, high=366 * 86_400),
         outbox_listen=_flag(env, "ONELANE_OUTBOX_LISTEN", True),
+        metrics_port=_number(env, "ONELANE_METRICS_PORT", 0, kind=int, low=0, high=65535),
+        metrics_bind=_get(env, "ONELANE_METRICS_BIND") or Settings.metrics_bind,
         **_sentinel_settings(env),
     )
     check_relations(s)

@@ -209,7 +209,12 @@ def view(client, keys: Keys, queue: str) -> CoalescingView:
 
 def parked_count(client, keys: Keys, queue: str) -> int:
     """Callouts parked behind their key's running callout (they count in the queue's depth)."""
-    return sum(len(json.loads(text(v))) for v in client.hvals(keys.coalesce_parked(queue)))
+    return parked_in(client.hvals(keys.coalesce_parked(queue)))
+
+
+def parked_in(values) -> int:
+    """The parked callouts in an HVALS reply of a queue's parked hash."""
+    return sum(len(json.loads(text(v))) for v in values)
 
 
 def release_stale(client, keys: Keys, *, queue: str, stale_after_ms: int, now_ms: int, window_s: int,

@@ -99,11 +99,25 @@ def depth(client, keys: Keys, queue: str) -> int:
     """Messages waiting in the queue: its ready list and kombu's list, those published with a
     priority, and those parked behind their coalesce key's running callout."""
     pipe = client.pipeline(transaction=False)
+    n = queue_depth_reads(pipe, keys, queue)
+    return depth_from(pipe.execute()[:n])
+
+
+def queue_depth_reads(pipe, keys: Keys, queue: str) -> int:
+    """Queue on ``pipe`` the reads :func:`depth_from` needs (for one pipeline over many queues);
+    returns how many replies they take."""
     pipe.llen(keys.ready(queue))
     pipe.llen(keys.queue_list(queue))
     for level in PRIORITY_LEVELS:
         pipe.llen(keys.priority_list(queue, level))
-    return sum(pipe.execute()) + coalescing.parked_count(client, keys, queue)
+    pipe.hvals(keys.coalesce_parked(queue))
+    return 3 + len(PRIORITY_LEVELS)
+
+
+def depth_from(replies: list) -> int:
+    """The depth from the replies of :func:`queue_depth_reads`."""
+    *lengths, parked = replies
+    return sum(lengths) + coalescing.parked_in(parked)
 
 
 def head(client, keys: Keys, queue: str):

@@ -51,6 +51,7 @@ from onelane.core.clients import (
     transient_reason,
     version_problem,
 )
+from onelane.core import counters
 from onelane.core.errors import GuardHeld, LeaseNotHeld, OnelaneError, WorkerMisconfigured
 from onelane.core.keys import Keys
 from onelane.core.scripts import forget
@@ -215,6 +216,10 @@ class GuardService:
             except Exception:
                 got = self._redis(self._take, "the standby")
         self._withdraw_standby()
+        try:
+            counters.count(self.client, self.keys, "guard_takeovers", self.lane)
+        except redis.RedisError:  # a count, not a reason to stop taking over
+            pass
         log.warning("onelane: standby took over the guard of %r", self.lane)
 
     def _wait_for_redis(self, *, timeout_s: float) -> None:

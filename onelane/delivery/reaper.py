@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from onelane.coordination.lease import Lease
+from onelane.core import counters
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import KOMBU_UNACKED, STATS_KEEP_MS, STATS_OUTCOMES, Keys
 from onelane.core.text import text
@@ -49,17 +50,26 @@ def reap(client, keys: Keys, *, lanes: list[str], bulk_queues: list[str], margin
             report.zombie_leases.append(name)
             log.warning("onelane: reaper cleared zombie lease %r (deadline passed, never released)", name)
     for lane in lanes:
-        report.add(requeue_orphans(client, keys, queue=lane, margin_ms=margin_ms, now_ms=now_ms))
+        _add_counted(client, keys, report, lane,
+                     requeue_orphans(client, keys, queue=lane, margin_ms=margin_ms, now_ms=now_ms))
         report.promoted += promote_due(client, keys, lane) + absorb_priorities(client, keys, lane)
     for queue in [*lanes, *bulk_queues]:
         _trim_stats(client, keys, queue, now_ms=now_ms)
     alive = presence_alive(client, keys)
     for bulk in bulk_queues:
         # many consumers: an orphan is a record whose worker no longer renews its presence
-        report.add(requeue_reserved_orphans(client, keys, queue=bulk, now_ms=now_ms, margin_ms=margin_ms,
-                                            owner_alive=alive))
+        _add_counted(client, keys, report, bulk,
+                     requeue_reserved_orphans(client, keys, queue=bulk, now_ms=now_ms, margin_ms=margin_ms,
+                                              owner_alive=alive))
         report.promoted += promote_due(client, keys, bulk) + absorb_priorities(client, keys, bulk)
     return report
+
+
+def _add_counted(client, keys: Keys, report: ReapReport, queue: str, found: RecoveryReport) -> None:
+    """Fold one queue's findings into the report, and count its requeued orphans (for the exporter)."""
+    report.add(found)
+    if found.requeued:
+        counters.count(client, keys, "orphans_requeued", queue, by=len(found.requeued))
 
 
 def reap_everything(client, keys: Keys, settings, *, only: str | None = None) -> ReapReport:

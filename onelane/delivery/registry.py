@@ -40,8 +40,13 @@ def register_queue(client, keys: Keys, queue: str, *, kind: str) -> None:
 
 def registered(client, keys: Keys) -> dict[str, QueueInfo]:
     """Every registered queue by name."""
+    return registered_from(client.hgetall(keys.queues))
+
+
+def registered_from(raw_hash: dict) -> dict[str, QueueInfo]:
+    """Every registered queue by name, from an HGETALL reply of the registry (for pipelined reads)."""
     out = {}
-    for name, raw in text_map(client.hgetall(keys.queues)).items():
+    for name, raw in text_map(raw_hash).items():
         try:
             d = json.loads(raw)
             out[name] = QueueInfo(name, d.get("kind", LANE), int(d.get("first_ms") or 0), int(d.get("seen_ms") or 0))
@@ -52,13 +57,23 @@ def registered(client, keys: Keys) -> dict[str, QueueInfo]:
 
 def lanes(client, keys: Keys, *, default_lane: str, bulk_queue: str) -> list[str]:
     """Every lane: the registered ones and the default lane, sorted (the bulk queue is not a lane)."""
-    names = {n for n, q in registered(client, keys).items() if q.kind == LANE and n != bulk_queue}
+    return lanes_of(registered(client, keys), default_lane=default_lane, bulk_queue=bulk_queue)
+
+
+def lanes_of(reg: dict[str, QueueInfo], *, default_lane: str, bulk_queue: str) -> list[str]:
+    """:func:`lanes` from what :func:`registered` returned."""
+    names = {n for n, q in reg.items() if q.kind == LANE and n != bulk_queue}
     return sorted(names | {default_lane})
 
 
 def bulk_queues(client, keys: Keys, *, bulk_queue: str) -> list[str]:
     """The bulk queues that have had a worker (today: ONELANE_BULK_QUEUE, once registered)."""
-    return sorted(n for n, q in registered(client, keys).items() if q.kind == BULK or n == bulk_queue)
+    return bulk_queues_of(registered(client, keys), bulk_queue=bulk_queue)
+
+
+def bulk_queues_of(reg: dict[str, QueueInfo], *, bulk_queue: str) -> list[str]:
+    """:func:`bulk_queues` from what :func:`registered` returned."""
+    return sorted(n for n, q in reg.items() if q.kind == BULK or n == bulk_queue)
 
 
 def is_known(client, keys: Keys, queue: str, *, default_lane: str, bulk_queue: str) -> bool:

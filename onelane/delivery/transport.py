@@ -38,6 +38,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from onelane.core import counters
 from onelane.core.clients import sentinel_master_view
 from onelane.core.keys import Keys
 from onelane.core.replication import Replicas
@@ -205,6 +206,7 @@ class LossProofFetch:
         pipe = client.pipeline(transaction=True)
         pipe.hset(keys.dead_letters(queue), entry_id, json.dumps(entry))
         pipe.zadd(keys.dead_letter_index(queue), {entry_id: int(time.time() * 1000)})
+        counters.count(pipe, keys, "dead_lettered", queue, queue)
         pipe.lrem(fetch_list, 1, item)
         pipe.execute()
         log.error("onelane: dead-lettered an unreadable message from %r as %s; it never ran", queue, entry_id)

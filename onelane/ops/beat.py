@@ -25,10 +25,18 @@ log = logging.getLogger(__name__)
 
 class OnelaneScheduler(ReaperScheduler):
     _relay_thread = None
+    _metrics_server = None
 
     def setup_schedule(self):
         super().setup_schedule()
         s = get_settings()
+        if s.metrics_port and self._metrics_server is None:
+            from onelane.ops.metrics import serve
+
+            # a port already taken stops beat here, with the error naming it
+            self._metrics_server = serve(s, port=s.metrics_port, bind=s.metrics_bind)
+            log.info("onelane: beat serves Prometheus metrics on http://%s:%d/metrics", s.metrics_bind,
+                     s.metrics_port)
         if s.outbox_db and self._relay_thread is None:
             from onelane.ops.relay import Relay, RelayThread
 
@@ -38,6 +46,9 @@ class OnelaneScheduler(ReaperScheduler):
             self._relay_thread.start()
 
     def close(self):
+        if self._metrics_server is not None:
+            self._metrics_server[0].shutdown()
+            self._metrics_server = None
         if self._relay_thread is not None:
             self._relay_thread.stop()
             self._relay_thread = None

@@ -618,6 +618,40 @@ def relay(db_url, once):
                                        "and is the URL right?") from None
         raise
 
+# -- Prometheus metrics ----------------------------------------------------------------------------
+@main.command(help="Serve Prometheus metrics of every lane and resource at http://BIND:PORT/metrics "
+                   "(read from Redis at each scrape). Ctrl-C / SIGTERM stops it.")
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--once", is_flag=True, help="print one scrape to stdout and exit (0 even when Redis is away)")
+def exporter(port, bind, once):
+    import signal
+    import threading
+
+    from onelane.ops import metrics
+
+    try:
+        s = get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if once:
+        sys.stdout.write(metrics.render(s).decode())
+        return
+    try:
+        server, _thread = metrics.serve(s, port=port, bind=bind)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {bind}:{port} ({exc}); is another exporter running? "
+                                   "Choose another --port") from None
+    click.echo(f"onelane: exporter serving http://{bind}:{server.server_port}/metrics "
+               f"(Redis {redact_url(s.redis_url)})", err=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # timed: a signal is noticed within half a second, whatever the platform
+        pass
+    server.shutdown()
+
+
 # -- the HTTP intake -------------------------------------------------------------------------------
 @main.group(invoke_without_command=True,
             help="The HTTP intake: any platform hands callouts to a lane with one request "

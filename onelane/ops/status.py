@@ -152,8 +152,13 @@ def _guard(client, keys: Keys, queue: str) -> dict | None:
 
 
 def _standbys(client, keys: Keys, queue: str) -> list[dict]:
+    return live_standbys(client.hvals(keys.standbys(queue)))
+
+
+def live_standbys(values) -> list[dict]:
+    """The standbys that announced themselves lately, from an HVALS reply of a lane's standby hash."""
     out = []
-    for raw in client.hvals(keys.standbys(queue)):
+    for raw in values:
         info = json.loads(raw)
         if time.time() * 1000 - info.get("seen_ms", 0) < STANDBY_SEEN_MS:
             out.append(info)
@@ -219,13 +224,20 @@ def _outbox(client, keys: Keys, lane: str, now_ms: int) -> dict | None:
     if raw is None:
         return None
     r = json.loads(raw)
-    since_ms = max(0, now_ms - int(r.get("reported_ms", now_ms)))
-    age_ms = r.get("oldest_age_ms")
+    depth, oldest_age_s, since_ms = outbox_report(r, now_ms)
     relay = Lease(client, keys.relay_lease(lane), keys=keys).holder()
-    return {"depth": int(r.get("depth", 0)),
-            "oldest_age_s": None if age_ms is None else round((age_ms + since_ms) / 1000, 3),
+    return {"depth": depth,
+            "oldest_age_s": None if oldest_age_s is None else round(oldest_age_s, 3),
             "reported_ago_s": round(since_ms / 1000, 3),
             "relay": None if relay is None else {"label": relay.label, "host": relay.host, "pid": relay.pid}}
+
+
+def outbox_report(r: dict, now_ms: int) -> tuple[int, float | None, int]:
+    """A relay's report of a lane (parsed JSON) -> rows waiting, the oldest's age now (s; None: no
+    row) and how long ago it reported (ms). The age goes on growing after the report."""
+    since_ms = max(0, now_ms - int(r.get("reported_ms", now_ms)))
+    age_ms = r.get("oldest_age_ms")
+    return int(r.get("depth", 0)), None if age_ms is None else (age_ms + since_ms) / 1000, since_ms
 
 
 def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
