@@ -19,7 +19,7 @@ help:
 	@echo "make beat       beat: the reaper of every lane"
 	@echo "make flower     Flower on $(FLOWER_ADDRESS):$(FLOWER_PORT) (needs FLOWER_BASIC_AUTH=user:password)"
 	@echo "make exporter   Prometheus metrics on $(METRICS_BIND):$(METRICS_PORT)/metrics (onelane exporter)"
-	@echo "make up         worker + beat + flower + exporter in the foreground; Ctrl-C stops them all"
+	@echo "make up         worker + beat + flower in the foreground; Ctrl-C stops all three"
 	@echo "                (worker, beat, flower, exporter, up: against REDIS_URL, default redis://localhost:6379/0)"
 	@echo "make bench      onelane beside bare Celery, measured in one run"
 	@echo "make install    create $(VENV) and install onelane with its test tools"
@@ -59,18 +59,23 @@ flower-auth:
 exporter: $(STAMP)
 	$(BIN)/onelane exporter --port $(METRICS_PORT) --bind $(METRICS_BIND)
 
-# worker + beat + flower + exporter in the foreground. Ctrl-C stops them all: each gets the terminal's
-# SIGINT (the worker's is a warm shutdown), the shell tells them once more with SIGTERM and waits
-# for every one, so the prompt comes back only after the callout in flight has finished.
+# worker + beat + flower in the foreground (the exporter: make exporter). Ctrl-C stops all three:
+# the shell (background jobs of a script ignore the terminal's SIGINT) sends each a SIGTERM, waits
+# for the worker's warm shutdown, so the prompt comes back only after the callout in flight has
+# finished, and gives beat and Flower 10 s before SIGKILL (Flower can miss a SIGTERM that lands
+# on one of its threads while its event loop sleeps).
 up: $(STAMP) flower-auth
 	@pids=""; \
 	stop() { trap '' INT TERM; echo "make up: stopping; the callout in flight finishes first"; \
-	         kill -TERM $$pids 2>/dev/null; wait $$pids; exit 0; }; \
+	         kill -TERM $$pids 2>/dev/null; wait $$worker; \
+	         for p in $$pids; do n=0; \
+	             while kill -0 $$p 2>/dev/null && [ $$n -lt 100 ]; do sleep 0.1; n=$$((n+1)); done; \
+	             kill -KILL $$p 2>/dev/null; done; \
+	         wait; exit 0; }; \
 	trap stop INT TERM; \
-	$(BIN)/celery -A tasks worker -Q $(LANE) -n $(LANE)@%h -l info & pids="$$pids $$!"; \
+	$(BIN)/celery -A tasks worker -Q $(LANE) -n $(LANE)@%h -l info & worker=$$!; pids="$$pids $$!"; \
 	$(BIN)/celery -A tasks beat -l info & pids="$$pids $$!"; \
 	$(BIN)/celery -A tasks flower --port=$(FLOWER_PORT) --address=$(FLOWER_ADDRESS) & pids="$$pids $$!"; \
-	$(BIN)/onelane exporter --port $(METRICS_PORT) --bind $(METRICS_BIND) & pids="$$pids $$!"; \
 	wait
 
 bench: $(STAMP)

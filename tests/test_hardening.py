@@ -314,7 +314,7 @@ def test_make_up_stops_all_three_cleanly_on_ctrl_c_after_the_callout_in_flight(b
     import select
     import termios
 
-    # Given `make up` in a terminal of its own (its own Flower and exporter ports), and a 3 s callout in flight
+    # Given `make up` in a terminal of its own (its own Flower port), and a 3 s callout in flight
     venv = Path(sys.executable).parent.parent
     env = {**base_env, "FLOWER_BASIC_AUTH": "ops:pw"}
     leader, follower = pty.openpty()
@@ -324,8 +324,7 @@ def test_make_up_stops_all_three_cleanly_on_ctrl_c_after_the_callout_in_flight(b
         fcntl.ioctl(follower, termios.TIOCSCTTY, 0)
 
     p = subprocess.Popen(["make", "-s", "-o", f"{venv}/.installed", "up", f"VENV={venv}",
-                          f"FLOWER_PORT={free_port()}", f"METRICS_PORT={free_port()}"], cwd=str(procs.ROOT), env=env,
-                         stdin=follower,
+                          f"FLOWER_PORT={free_port()}"], cwd=str(procs.ROOT), env=env, stdin=follower,
                          stdout=follower, stderr=follower, preexec_fn=in_the_terminal)
     os.close(follower)
     out = bytearray()
