@@ -481,7 +481,9 @@ def watch(lane, lane_opt, interval, count):
                     break
                 time.sleep(interval)
             return
-        with Live(console=console, refresh_per_second=4, transient=False) as live:
+        # refreshed here, not by Live's own thread: a Ctrl-C that lands on that thread while this one
+        # waits on a slow terminal would never stop the watch
+        with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
                 snap = snapshot(env.client, env.keys, q, env.s)
                 done, left = frame(snap)
@@ -490,7 +492,7 @@ def watch(lane, lane_opt, interval, count):
                 else:
                     progress.update(bar, completed=done, total=done + left)
                     view = Group(render(snap), progress)
-                live.update(view)
+                live.update(view, refresh=True)
                 shown += 1
                 if count and shown >= count:
                     break
