@@ -48,15 +48,16 @@ def run(quick: bool, env_for) -> dict:
     out = {"calls": n}
     with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0) as api:
         out["single"] = _flow(env_for(server.url), Celery(broker=server.url, backend=server.url), api, n)
-    for needed in (0, 1):
-        with SentinelCluster(replicas=1) as cluster, FragileAPI(delay_s=0) as api:
-            cluster.wait_settled(60)
-            opts = {"master_name": cluster.master_name}
-            producer = Celery(broker=cluster.url, backend=cluster.url)
-            producer.conf.update(broker_transport_options=opts, result_backend_transport_options=opts)
+    with SentinelCluster(replicas=1) as cluster:
+        cluster.wait_settled(60)
+        opts = {"master_name": cluster.master_name}
+        producer = Celery(broker=cluster.url, backend=cluster.url)
+        producer.conf.update(broker_transport_options=opts, result_backend_transport_options=opts)
+        for needed in (0, 1):  # one after the other on the same servers, a worker each
             env = env_for(cluster.url, ONELANE_SENTINEL_MASTER=cluster.master_name,
                           ONELANE_MIN_REPLICAS=str(needed))
-            out[f"sentinel_min_replicas_{needed}"] = _flow(env, producer, api, n)
+            with FragileAPI(delay_s=0) as api:
+                out[f"sentinel_min_replicas_{needed}"] = _flow(env, producer, api, n)
     base = out["single"]["per_s"]
     for k in ("sentinel_min_replicas_0", "sentinel_min_replicas_1"):
         out[k]["ratio_to_single"] = round(out[k]["per_s"] / base, 3)

@@ -111,10 +111,19 @@ class CeleryProcess:
             os.kill(self.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def stop(self, timeout_s: float = 20.0) -> int | None:
+    def ask_to_stop(self) -> None:
+        """SIGTERM (a worker's warm shutdown), without waiting: see ``stop``."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout_s: float = 20.0, *, asked: bool = False) -> int | None:
+        """Stop it (SIGTERM unless ``asked`` already, then SIGKILL of its group after ``timeout_s``)."""
         if self.proc is None:
             return None
-        code = stop_group(self.proc, grace_s=timeout_s)  # pool children go with the group
+        code = stop_group(self.proc, grace_s=timeout_s, ask=not asked)  # pool children go with the group
         self._log.close()
         return code
 

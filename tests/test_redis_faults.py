@@ -76,7 +76,7 @@ def test_out_of_memory_for_5_s_loses_nothing_doubles_nothing_and_stops_no_worker
         active = start(procs.worker(env, "active"))
         standby = start(procs.worker({**env, "ONELANE_STANDBY": "1"}, "standby"), wait_ready=False)
         standby.wait_log("standby", 30)
-        start(procs.beat(env))
+        beat = start(procs.beat(env))
         app = producer(server.url)
         results = [publish(app, api, f"o{i:02d}") for i in range(30)]
         wait_for(lambda: len(api.snapshot()) >= 5, 30, what="the first five calls")
@@ -99,6 +99,10 @@ def test_out_of_memory_for_5_s_loses_nothing_doubles_nothing_and_stops_no_worker
         resumed_s = (after[0].start - freed_at) if after else 0.0
         assert resumed_s < 10, resumed_s
         assert "out of memory" in active.log()
+        for p in (active, standby, beat):  # while Redis still answers: a warm shutdown needs it
+            p.ask_to_stop()
+        for p in (active, standby, beat):
+            p.stop(asked=True)
         print(f"\nOOM 5 s: 30/30 completed, {len(keys)} calls at the API, {api.overlaps} overlaps, "
               f"{len(during)} call(s) started during the spell, flowing again {resumed_s:.1f} s after memory "
               "was freed; both workers still running")
