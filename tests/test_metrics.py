@@ -299,3 +299,25 @@ def test_the_reaper_counts_the_orphans_it_requeues(redis_client, celery_app):
     # Then the orphan is counted once
     assert len(first.requeued) == 1
     assert redis_client.hget(KEYS.metric_counters, counters.field("orphans_requeued", "bulk")) == b"1"
+
+
+@pytest.mark.redis
+def test_a_scrape_survives_a_redis_out_of_memory_and_fields_nobody_should_have_written(redis_client, redis_server):
+    # Given a lane with a callout waiting at its head, a count, and hand-made fields in the metric hashes
+    s = settings_for(redis_server.url)
+    redis_client.hset(KEYS.queues, "erp", json.dumps({"kind": "lane", "first_ms": 1, "seen_ms": 1}))
+    redis_client.lpush("erp", _message("t-waiting"))
+    counters.count(redis_client, KEYS, "succeeded", "erp", "erp", by=3)
+    redis_client.hset(KEYS.metric_counters, mapping={"{}": 1, '["succeeded",1,"erp"]': 2, "null": 3, "[]": 4})
+    redis_client.hset(KEYS.metric_histograms, mapping={'["callout_duration_seconds",null,"x","0"]': 1, "{}": 1})
+    # When Redis refuses every write (maxmemory reached, noeviction): the scrape's one write, the
+    # head's waiting clock, is refused
+    redis_client.config_set("maxmemory", "1")
+    try:
+        scrape = samples(metrics.render(s).decode())
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    # Then the scrape still shows everything it read, and skips what no worker wrote
+    assert value(scrape, "onelane_redis_up") == 1
+    assert value(scrape, "onelane_queue_depth", lane="erp", kind="lane") == 1
+    assert value(scrape, "onelane_callouts_succeeded_total", lane="erp", resource="erp") == 3

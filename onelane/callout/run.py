@@ -578,7 +578,8 @@ def _record_dead_letter(s: Settings, client, keys: Keys, delivery: Delivery, sto
     now_ms = redis_now_ms(client)
 
     def also(pipe) -> None:
-        if kind == "failed":  # the API was called and failed for good (not bad input)
+        if kind == "failed" and attempts:  # the API was called and failed for good (not bad input, not
+            # a give-up before any attempt, such as no permit in time)
             counters.count(pipe, keys, "failed", delivery.queue, resource or delivery.queue)
         if coalesce is not None:
             entry["carried"] = [c["id"] for c in coalesce.carried]

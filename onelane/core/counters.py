@@ -68,16 +68,24 @@ def status_class(status: int | None) -> str:
     return f"{int(status) // 100}xx"
 
 
+def _labels_ok(parts) -> bool:
+    """A field written by a worker: a JSON list of strings (anything else, e.g. a hand-made field,
+    is skipped rather than breaking every scrape)."""
+    return isinstance(parts, list) and bool(parts) and all(isinstance(p, str) for p in parts)
+
+
 def parse_counters(raw: dict) -> dict[tuple, int]:
     """HGETALL of the counters hash -> {(metric, label values...): value}; unknown fields skipped."""
     out = {}
     for f, v in raw.items():
         try:
             parts = json.loads(f)
+            if not _labels_ok(parts):
+                continue
             metric = parts[0]
             if metric in COUNTERS and len(parts) == 1 + len(COUNTERS[metric]):
                 out[tuple(parts)] = int(v)
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, KeyError):
             continue
     return out
 
@@ -89,6 +97,8 @@ def parse_histograms(raw: dict) -> dict[tuple, dict]:
     for f, v in raw.items():
         try:
             parts = json.loads(f)
+            if not _labels_ok(parts):
+                continue
             metric = parts[0]
             names, bounds = HISTOGRAMS[metric]
             if len(parts) != 2 + len(names):

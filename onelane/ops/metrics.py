@@ -45,7 +45,7 @@ COUNTER_HELP = {
     "failed": ("onelane_callouts_failed", "Callouts whose call failed for good (the API was called; dead-lettered)."),
     "dead_lettered": ("onelane_callouts_dead_lettered",
                       "Dead letters written: failed calls, bad input, messages no worker could run."),
-    "retried": ("onelane_callouts_retried", "Failed attempts followed by another attempt."),
+    "retried": ("onelane_callouts_retried", "Failed attempts after which another attempt was planned."),
     "attempts": ("onelane_attempts", "Finished HTTP attempts by status class (2xx..5xx, error: no response)."),
     "orphans_requeued": ("onelane_orphans_requeued",
                          "Callouts of dead workers the reaper put back at the head of their queue."),
@@ -107,10 +107,10 @@ class _Timed:
         self.seconds = 0.0
         self.trips = 0
 
-    def run(self, pipe) -> list:
+    def run(self, pipe, *, raise_on_error: bool = True) -> list:
         t0 = time.perf_counter()
         try:
-            return pipe.execute()
+            return pipe.execute(raise_on_error=raise_on_error)
         finally:
             self.seconds += time.perf_counter() - t0
             self.trips += 1
@@ -220,7 +220,11 @@ def read(client, keys: Keys, settings) -> Reading:
                 p.delete(keys.head_seen(name))
             else:
                 p.hset(keys.head_seen(name), mapping={"task_id": head_id, "since_ms": now_ms})
-        for (q, _tid), started in zip(wanted, timed.run(p)):
+        # a refused write (OOM, a read-only replica) must not cost the scrape: errors come back
+        # as replies here, and the display-only mark is simply set on a later scrape
+        for (q, _tid), started in zip(wanted, timed.run(p, raise_on_error=False)):
+            if isinstance(started, Exception):
+                continue
             started = int(started or 0)
             if started:
                 age = max(0.0, (now_ms - started) / 1000)
