@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# two test files at a time (pytest-xdist): most of the suite waits on real processes, not the CPU
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # the inner loop: pure logic and the private Redis, no celery processes (under a minute)
 test-fast: $(STAMP)

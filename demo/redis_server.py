@@ -167,9 +167,12 @@ class SentinelCluster:
                  replica_args: tuple = ()):
         self.master_name = master_name
         self.down_after_ms = down_after_ms
-        self.master = RedisServer(appendonly=True)
-        self.replicas = [RedisServer(appendonly=True,
-                                     extra_args=("--replicaof", "127.0.0.1", str(self.master.port), *replica_args))
+        # a replica that must resync with a new master after a failover does so at once, not after
+        # Redis's default 5 s wait for more replicas to join a diskless sync
+        quick_sync = ("--repl-diskless-sync-delay", "0")
+        self.master = RedisServer(appendonly=True, extra_args=quick_sync)
+        self.replicas = [RedisServer(appendonly=True, extra_args=(*quick_sync, "--replicaof", "127.0.0.1",
+                                                                  str(self.master.port), *replica_args))
                          for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.dir = tempfile.mkdtemp(prefix="onelane-sentinels-")
