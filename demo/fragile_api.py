@@ -152,6 +152,7 @@ class FragileAPI:
             self.calls.append(call)
             scripted = self._scripts.get(headers.get("idempotency-key", ""))
             reply = scripted.pop(0) if scripted else None
+        finished = False
         try:
             if overlapped:
                 reply = Reply(self.overload_status, {"error": "overloaded: too many calls in flight"},
@@ -168,12 +169,20 @@ class FragileAPI:
                     return
             elif delay:
                 time.sleep(delay)  # keeps working even if the client is gone
+            # The call ends as its answer goes out: a client holding the answer may call again at
+            # once, and that is no overlap, however late this thread gets to run after writing.
+            self._finish(call, reply)
+            finished = True
             self._reply(h, reply, call)
         finally:
-            with self._lock:
-                self._in_flight -= 1
-                call.end = time.time()
-                call.status = reply.status if reply else None
+            if not finished:
+                self._finish(call, reply)
+
+    def _finish(self, call: Call, reply: "Reply | None") -> None:
+        with self._lock:
+            self._in_flight -= 1
+            call.end = time.time()
+            call.status = reply.status if reply else None
 
     @staticmethod
     def _sleep_unless_gone(h, delay: float) -> bool:
