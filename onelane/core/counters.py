@@ -68,25 +68,28 @@ def status_class(status: int | None) -> str:
     return f"{int(status) // 100}xx"
 
 
-def _labels_ok(parts) -> bool:
-    """A field written by a worker: a JSON list of strings (anything else, e.g. a hand-made field,
-    is skipped rather than breaking every scrape)."""
-    return isinstance(parts, list) and bool(parts) and all(isinstance(p, str) for p in parts)
+def _series_fields(raw: dict):
+    """(label list, value) of each field a worker wrote: a JSON list of strings. Anything else
+    (a hand-made field) is skipped rather than breaking every scrape."""
+    for f, v in raw.items():
+        try:
+            parts = json.loads(f)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(parts, list) and parts and all(isinstance(p, str) for p in parts):
+            yield parts, v
 
 
 def parse_counters(raw: dict) -> dict[tuple, int]:
     """HGETALL of the counters hash -> {(metric, label values...): value}; unknown fields skipped."""
     out = {}
-    for f, v in raw.items():
-        try:
-            parts = json.loads(f)
-            if not _labels_ok(parts):
-                continue
-            metric = parts[0]
-            if metric in COUNTERS and len(parts) == 1 + len(COUNTERS[metric]):
+    for parts, v in _series_fields(raw):
+        metric = parts[0]
+        if metric in COUNTERS and len(parts) == 1 + len(COUNTERS[metric]):
+            try:
                 out[tuple(parts)] = int(v)
-        except (ValueError, TypeError, IndexError, KeyError):
-            continue
+            except (ValueError, TypeError):
+                continue
     return out
 
 
@@ -94,11 +97,8 @@ def parse_histograms(raw: dict) -> dict[tuple, dict]:
     """HGETALL of the histograms hash -> {(metric, label values...): {"buckets": [cumulative counts,
     last is +Inf], "sum": seconds}}."""
     out: dict[tuple, dict] = {}
-    for f, v in raw.items():
+    for parts, v in _series_fields(raw):
         try:
-            parts = json.loads(f)
-            if not _labels_ok(parts):
-                continue
             metric = parts[0]
             names, bounds = HISTOGRAMS[metric]
             if len(parts) != 2 + len(names):
