@@ -58,6 +58,7 @@ from bench.intake import report_rows as intake_rows, run as intake_bench  # noqa
 from bench.coalescing import report_rows as coalescing_rows, run as coalescing_bench  # noqa: E402
 from bench.replication import report_rows as replication_rows, run as replication_bench  # noqa: E402
 from bench import cost  # noqa: E402
+from bench.figures import gaps_ms, pct  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -66,18 +67,6 @@ def env_for(url: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONELANE_")}
     env.update(REDIS_URL=url, ONELANE_ALLOW_PRIVATE_NETWORKS="1", PYTHONPATH=str(ROOT), **extra)
     return env
-
-
-def pct(values, p):
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-
-
-def gaps_ms(calls):
-    calls = sorted(calls, key=lambda c: c.start)
-    return [(b.start - a.end) * 1000 for a, b in zip(calls, calls[1:])]
 
 
 def rss_kb(pid: int) -> int:

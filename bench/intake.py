@@ -19,6 +19,7 @@ import time
 
 from celery import Celery
 
+from bench.figures import pct
 from demo.fragile_api import FragileAPI
 from demo.redis_server import RedisServer
 from onelane.ops.intake.tokens import TokensFile
@@ -32,11 +33,6 @@ def env_for(url: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONELANE_")}
     env.update(REDIS_URL=url, ONELANE_ALLOW_PRIVATE_NETWORKS="1", PYTHONPATH=os.getcwd(), **extra)
     return env
-
-
-def pct(values, p):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
 def _intake_client(port: int, token: str, n: int, start_at: float, out) -> None:

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from celery import Celery
 
+from bench.figures import gaps_ms, pct
 from demo.fragile_api import FragileAPI
 from demo.redis_server import RedisServer, SentinelCluster
 from tests.procs import worker
-
-
-def pct(values, p):
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 
 
 def _flow(env: dict, producer: Celery, api: FragileAPI, n: int) -> dict:
@@ -37,7 +33,7 @@ def _flow(env: dict, producer: Celery, api: FragileAPI, n: int) -> dict:
         w.stop()
     calls = sorted(api.snapshot(), key=lambda c: c.start)
     span = calls[-1].end - calls[0].start
-    gaps = [(b.start - a.end) * 1000 for a, b in zip(calls, calls[1:])]
+    gaps = gaps_ms(calls)
     return {"calls": len(calls), "per_s": round(len(calls) / span, 1), "gap_p50_ms": round(pct(gaps, 50), 2),
             "gap_p99_ms": round(pct(gaps, 99), 2), "overlaps": api.overlaps}
 

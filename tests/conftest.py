@@ -83,10 +83,7 @@ def start():
         return p.start(**kw)
 
     yield _start
-    for p in started:  # all asked at once: their shutdowns overlap instead of adding up
-        p.ask_to_stop()
-    for p in started:
-        p.stop(asked=True)
+    procs.stop_all(started)
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,20 @@ class CeleryProcess:
         return code
 
 
+def stop_all(processes) -> None:
+    """Stop every one, all asked at once: their shutdowns overlap instead of adding up."""
+    for p in processes:
+        p.ask_to_stop()
+    for p in processes:
+        p.stop(asked=True)
+
+
+def sigint_as_a_terminal_starts_it() -> None:
+    """For ``preexec_fn``: SIGINT at its default, as a terminal's shell starts a command. A suite run
+    in the background inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def worker(env: dict, name: str = "w1", queue: str = "serial", extra: list[str] | None = None) -> CeleryProcess:
     return CeleryProcess(["worker", "-Q", queue, "-n", f"{name}@%h", "-l", "info", *(extra or [])], env, name)
 

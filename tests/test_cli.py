@@ -70,12 +70,9 @@ def test_watch_in_a_terminal_refreshes_says_idle_and_leaves_cleanly_on_ctrl_c(ba
 
     # Given watch running in a terminal (a pseudo-terminal) on an idle lane
     leader, follower = pty.openpty()
-    def as_a_terminals_shell_starts_it():  # a suite run in the background inherits SIGINT ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     p = subprocess.Popen([ONELANE, "watch", "--interval", "0.2"], env={**base_env, "COLUMNS": "120"},
                          stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
-                         preexec_fn=as_a_terminals_shell_starts_it)
+                         preexec_fn=procs.sigint_as_a_terminal_starts_it)
     os.close(follower)
     out = b""
     try:

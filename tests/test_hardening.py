@@ -322,9 +322,7 @@ def test_make_up_stops_all_three_cleanly_on_ctrl_c_after_the_callout_in_flight(b
     def in_the_terminal():
         os.setsid()
         fcntl.ioctl(follower, termios.TIOCSCTTY, 0)
-        # as a terminal's shell starts it: a suite run in the background inherits SIGINT ignored,
-        # and a shell cannot trap a signal ignored on entry
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        procs.sigint_as_a_terminal_starts_it()
 
     p = subprocess.Popen(["make", "-s", "-o", f"{venv}/.installed", "up", f"VENV={venv}",
                           f"FLOWER_PORT={free_port()}"], cwd=str(procs.ROOT), env=env, stdin=follower,

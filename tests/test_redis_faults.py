@@ -99,10 +99,7 @@ def test_out_of_memory_for_5_s_loses_nothing_doubles_nothing_and_stops_no_worker
         resumed_s = (after[0].start - freed_at) if after else 0.0
         assert resumed_s < 10, resumed_s
         assert "out of memory" in active.log()
-        for p in (active, standby, beat):  # while Redis still answers: a warm shutdown needs it
-            p.ask_to_stop()
-        for p in (active, standby, beat):
-            p.stop(asked=True)
+        procs.stop_all([active, standby, beat])  # while Redis still answers: a warm shutdown needs it
         print(f"\nOOM 5 s: 30/30 completed, {len(keys)} calls at the API, {api.overlaps} overlaps, "
               f"{len(during)} call(s) started during the spell, flowing again {resumed_s:.1f} s after memory "
               "was freed; both workers still running")

@@ -10,6 +10,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from onelane.core.redaction import redact_url  # noqa: F401  (REDIS_URL as shown in messages)
+from onelane.core.settings import sentinel_hosts
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 
@@ -61,8 +62,6 @@ def _sentinel_master_client(url: str, master: str, sentinel_password: str) -> re
 
     from redis.sentinel import Sentinel
 
-    from onelane.core.settings import sentinel_hosts
-
     first = urlsplit(url.split(";")[0])
     db = int((first.path or "/0").lstrip("/") or 0)
     sentinels = Sentinel(sentinel_hosts(url), socket_timeout=2, socket_connect_timeout=2,
@@ -79,7 +78,7 @@ def sentinel_problem(settings, exc: BaseException) -> str | None:
 
     if not settings.uses_sentinel or not isinstance(exc, (MasterNotFoundError, redis.ConnectionError)):
         return None
-    where = ", ".join(f"{h}:{p}" for h, p in _hosts(settings.redis_url))
+    where = ", ".join(f"{h}:{p}" for h, p in sentinel_hosts(settings.redis_url))
     known = _known_masters(settings)
     if known is None:
         return (f"none of the sentinels in REDIS_URL ({where}) answered; are they running, and is REDIS_URL right "
@@ -96,7 +95,7 @@ def sentinel_master_view(settings) -> tuple[tuple[str, int], bool]:
     """((host, port) of the master the sentinels name, True when no failover is under way), from the
     first sentinel that answers; raises redis.ConnectionError when none does."""
     last = None
-    for host, port in _hosts(settings.redis_url):
+    for host, port in sentinel_hosts(settings.redis_url):
         try:
             c = _sentinel_client(host, port, settings.sentinel_password)
             info = c.sentinel_master(settings.sentinel_master)
@@ -121,15 +120,9 @@ def _sentinel_client(host: str, port: int, password: str) -> redis.Redis:
     return c
 
 
-def _hosts(url):
-    from onelane.core.settings import sentinel_hosts
-
-    return sentinel_hosts(url)
-
-
 def _known_masters(settings) -> set[str] | None:
     """The master names any sentinel of the settings watches; None when none answers."""
-    for host, port in _hosts(settings.redis_url):
+    for host, port in sentinel_hosts(settings.redis_url):
         try:
             c = redis.Redis(host=host, port=port, password=settings.sentinel_password or None, socket_timeout=2,
                             socket_connect_timeout=2, retry=_quick_retry())

@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from queue import Empty
-from urllib.parse import urlsplit
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -42,7 +41,7 @@ from onelane.core import counters
 from onelane.core.clients import sentinel_master_view
 from onelane.core.keys import Keys
 from onelane.core.replication import Replicas
-from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
+from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings, sentinel_hosts
 from onelane.delivery.fetching import DRAIN_BUDGET, QueueFetch, Step, give_back
 
 log = logging.getLogger(__name__)
@@ -240,5 +239,5 @@ def same_transport_failover(alternates: list[str]):
     keeps the transport given at start. Which sentinel it names does not matter: the Sentinel pool
     asks every sentinel of the URL (``Connection.alt``) where the master is.
     """
-    first = urlsplit(alternates[0]).hostname or "localhost"
+    [(first, _port)] = sentinel_hosts(alternates[0])
     return itertools.repeat(first)
