@@ -30,7 +30,8 @@ class Ledger:
         own = pipe is None
         pipe = pipe if pipe is not None else self.client.pipeline(transaction=True)
         pipe.set(self.keys.done(task_id), Outcome(SUCCESS, task_id, result=result).to_json(), ex=self.window_s)
-        pipe.set(self.keys.idempotency(idempotency_key), task_id, ex=self.window_s)
+        if idempotency_key != task_id:  # a key that is the task id is found through the outcome itself
+            pipe.set(self.keys.idempotency(idempotency_key), task_id, ex=self.window_s)
         self._stats(pipe, queue, SUCCESS, task_id, now_ms)
         Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
         if own:
@@ -60,23 +61,32 @@ class Ledger:
         if pipe is None:
             p.execute()
 
-    def preflight(self, pipe, task_id: str, idempotency_key: str | None) -> None:
-        """Queue the reads :meth:`outcome_from` needs on ``pipe``, and the count of finished attempts
-        (3 replies)."""
+    def preflight(self, pipe, task_id: str, idempotency_key: str | None) -> int:
+        """Queue the reads :meth:`outcome_from` needs on ``pipe``, then the count of finished attempts
+        (its reply comes last); return how many replies they add (3, or 4 with a key of its own)."""
+        key = idempotency_key or task_id
         pipe.get(self.keys.done(task_id))
-        pipe.get(self.keys.idempotency(idempotency_key or task_id))
+        pipe.get(self.keys.idempotency(key))
+        if key != task_id:
+            # a success whose key was its own task id wrote no idempotency entry: its outcome is the entry
+            pipe.get(self.keys.done(key))
         pipe.llen(self.keys.attempts(task_id))
+        return 3 if key == task_id else 4
 
-    def outcome_from(self, done_raw, idem_task_id) -> Outcome | None:
+    def outcome_from(self, replies) -> Outcome | None:
         """The recorded outcome of this task id, or of a success with this idempotency key.
 
-        Takes the replies of :meth:`preflight`; a second read only for an idempotency hit.
+        Takes the replies of :meth:`preflight` but the last; a second read only for an idempotency hit.
         """
+        done_raw, idem_task_id, *by_key = replies
         if done_raw is not None:
             return Outcome.from_json(done_raw)
         if idem_task_id is not None:
             raw = self.client.get(self.keys.done(text(idem_task_id)))
             return Outcome.from_json(raw) if raw is not None else None
+        if by_key and by_key[0] is not None:
+            other = Outcome.from_json(by_key[0])
+            return other if other.status == SUCCESS else None  # a failure leaves the key free to run
         return None
 
     def attempts(self, task_id: str) -> list[dict]:

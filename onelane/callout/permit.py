@@ -26,7 +26,7 @@ from onelane.callout.classify import Reply, overloaded, retry_after_s
 from onelane.coordination.adaptive import Adaptive
 from onelane.coordination.lease import Grant, Lease
 from onelane.coordination.rate import RateLimiter
-from onelane.coordination.slots import Semaphore
+from onelane.coordination.slots import Semaphore, Stamp
 from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
@@ -58,6 +58,9 @@ class Permit(Protocol):
 
     def feedback(self, reply: Reply, *, retry_after_max_s: float) -> None:
         """Learn from the attempt's reply."""
+
+    def queue_counts(self, pipe, *, waited_ms: float, lane: str) -> None:
+        """Queue, on the transaction recording an attempt's outcome, what this permit counts per grant."""
 
     def release(self, grant: Grant, *, pipe=None) -> None:
         """Free the permit if ``grant`` still holds it (queued on ``pipe`` when given)."""
@@ -107,6 +110,9 @@ class SerialPermit:
     def feedback(self, reply, *, retry_after_max_s):
         pass  # one at a time already: nothing to adapt
 
+    def queue_counts(self, pipe, *, waited_ms, lane):
+        pass  # nothing counted per grant
+
     def release(self, grant, *, pipe=None):
         self.lease.release(grant.token, pipe=pipe)
 
@@ -135,23 +141,28 @@ class SlotPermit:
         return None
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
-        # recorded before waiting: a dead worker's waiting task comes back at once
-        self.inflight.record(record)
-        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms)
+        # One round trip when a slot is free: the in-flight record goes ahead of the first try (so a
+        # dead worker's waiting task comes back at once), and the grant stamps it with its slot,
+        # fence and deadline in the same script.
+        stamp = Stamp(self.keys.inflight(record.task_id), self.keys.inflight_index(record.queue), record.task_id,
+                      timeout_ms)
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
+                                              before=lambda pipe: self.inflight.record(record, pipe=pipe))
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()
             if rate_wait_ms > 0:
                 waited_ms += rate_wait_ms
-                deadline = self.slots.lease(grant.name).renew(token, ttl_ms=ttl_ms)
+                deadline = self.slots.renew(grant, ttl_ms=ttl_ms)
                 grant = replace(grant, now_ms=deadline - ttl_ms, deadline_ms=deadline)
-        pipe = self.client.pipeline(transaction=True)
+                self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms))
+        return grant, waited_ms
+
+    def queue_counts(self, pipe, *, waited_ms, lane):
+        # the wait for the slot, counted on the transaction that records the attempt's outcome
         pipe.hincrby(self.keys.waits(self.resource), "count", 1)
         pipe.hincrbyfloat(self.keys.waits(self.resource), "total_ms", round(waited_ms, 1))
-        counters.observe(pipe, self.keys, "slot_wait_seconds", waited_ms / 1000, record.queue, self.resource)
-        self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms), pipe=pipe)
-        pipe.execute()
-        return grant, waited_ms
+        counters.observe(pipe, self.keys, "slot_wait_seconds", waited_ms / 1000, lane, self.resource)
 
     def feedback(self, reply, *, retry_after_max_s):
         if self.adaptive is not None:

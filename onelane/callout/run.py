@@ -205,7 +205,7 @@ class CalloutRun:
         d, s = self.delivery, self.settings
         record = self._record(attempt=0)
         pipe = self.client.pipeline(transaction=False)
-        self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
+        read = self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
         pipe.exists(self.keys.paused(d.queue))
         pipe.hgetall(self.keys.circuit(self.resource))
         pipe.time()
@@ -222,16 +222,18 @@ class CalloutRun:
         except redis.exceptions.NoScriptError:  # Redis lost its script cache (a restart): load again
             forget(self.client)
             return self._preflight(token)
-        done_raw, idem_hit, finished, paused, circuit_raw, now = replies[:6]
+        recorded, finished = replies[:read - 1], replies[read - 1]
+        paused, circuit_raw, now = replies[read:read + 3]
+        first = read + 3
         if keyed:
-            self.carried = coalescing.carried_of(replies[6])
-        first = 7 if keyed else 6
+            self.carried = coalescing.carried_of(replies[first])
+            first += 1
         grant = self.permits.speculated(replies[first:first + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
         prior = None
         if self._first_read:
             self._first_read = False
-            prior = self.ledger.outcome_from(done_raw, idem_hit)
+            prior = self.ledger.outcome_from(recorded)
         check = Preflight(prior=prior, attempt=int(finished) + 1, paused=bool(paused),
                           circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
                           read_at=self.clock.monotonic(), token=token, grant=grant)
@@ -403,7 +405,7 @@ class CalloutRun:
         if d.batch:
             count_batch_outcome(done, self.keys, d.batch, "done", now_ms=finished_ms)
         counters.count(done, self.keys, "succeeded", d.queue, self.resource)
-        self._count_attempt(done, reply)
+        self._count_attempt(done, attempt, reply)
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         try:
             done.execute()
@@ -424,7 +426,7 @@ class CalloutRun:
         def keep() -> None:  # the attempt and its counters: one transaction
             pipe = self.client.pipeline(transaction=True)
             self.ledger.add_attempt(self.task_id, entry, pipe=pipe)
-            self._count_attempt(pipe, reply)
+            self._count_attempt(pipe, attempt, reply)
             if not verdict.final:
                 counters.count(pipe, self.keys, "retried", self.delivery.queue, self.resource)
             pipe.execute()
@@ -503,9 +505,11 @@ class CalloutRun:
                                task_id=self.task_id)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _count_attempt(self, pipe, reply: Reply) -> None:
-        """Queue the counters of one finished HTTP attempt: its status class and its duration."""
+    def _count_attempt(self, pipe, attempt: Attempt, reply: Reply) -> None:
+        """Queue the counters of one finished HTTP attempt: its status class, its duration, and what its
+        permit counts (a slot's wait)."""
         lane = self.delivery.queue
+        self.permits.queue_counts(pipe, waited_ms=attempt.waited_ms, lane=lane)
         counters.count(pipe, self.keys, "attempts", lane, self.resource, counters.status_class(reply.status))
         counters.observe(pipe, self.keys, "callout_duration_seconds", reply.elapsed_ms / 1000, lane, self.resource)
 

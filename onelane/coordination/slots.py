@@ -5,6 +5,12 @@ each slot is a lease with the same deadline, fencing and reaping rules as the se
 lease, so a killed holder's slot comes back when its deadline passes; waiting blocks on a
 release signal with a bounded timeout, never polling Redis in a loop. The fencing counter
 is the resource's own (shared with its serial lease), so tokens grow across both.
+
+A grant reads which slots are taken from one sorted set (``Keys.slots_held``: slot number ->
+deadline) instead of the PTTL of every slot: O(1) commands per grant whatever the cap. The set
+is a hint kept beside the slot leases by the grant, the release and the renewal; the lease key
+stays the truth (a slot is taken with SET NX, and a hint that disagrees sends the script to
+read every key), so a stale hint costs a slower grant, never a slot held twice.
 """
 from __future__ import annotations
 
@@ -28,6 +34,17 @@ _MAX_BLOCK_MS = 2_000
 
 
 @dataclass(frozen=True)
+class Stamp:
+    """An in-flight record a slot grant writes its slot, token, fence, start and deadline into."""
+
+    record_key: str
+    index_key: str
+    task_id: str
+    #: the attempt's deadline is this long after the grant
+    timeout_ms: int
+
+
+@dataclass(frozen=True)
 class SlotGrant(Grant):
     """A granted slot: a lease grant plus which slot (1-based) and the cap it was taken under."""
 
@@ -46,29 +63,42 @@ class Semaphore:
         self.replicas = replicas
         self.names = [keys.slot(resource, i) for i in range(1, limit.concurrency + 1)]
         self.fence_name = keys.resource_lease(resource)
+        # the script's keys and the arguments that never change, built once
+        self._keys = [keys.lease_fence(self.fence_name), keys.lease_index, keys.adaptive(resource),
+                      keys.slots_held(resource), *[keys.lease(n) for n in self.names]]
+        self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, keys.slot(resource, "")]
 
-    def try_acquire(self, token: str, *, ttl_ms: int) -> SlotGrant | int:
+    def try_acquire(self, token: str, *, ttl_ms: int, stamp: "Stamp | None" = None,
+                    before=None) -> SlotGrant | int:
         """A :class:`SlotGrant`, or the ms until the soonest slot expires.
 
-        With replicas required, a slot they did not confirm in time is freed and
-        :class:`NotReplicated` raised: it never counts as had.
+        ``stamp``: an in-flight record the grant writes itself into (its slot, token, fence, start
+        and deadline), in the same script, so an attempt holding the slot is on record before it
+        starts without another round trip. ``before(pipe)`` queues writes that go ahead of the try
+        on the same round trip. With replicas required, a slot they did not confirm in time is
+        freed and :class:`NotReplicated` raised: it never counts as had.
         """
-        k = self.keys
-        keys = [k.lease_fence(self.fence_name), k.lease_index, k.adaptive(self.resource),
-                *[k.lease(n) for n in self.names]]
-        args = [token, int(ttl_ms), self.limit.concurrency, 1 if self.limit.adaptive else 0, *self.names]
+        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args]
+        if stamp is not None:
+            keys = [*keys, stamp.record_key, stamp.index_key]
+            args += [stamp.task_id, int(stamp.timeout_ms)]
         confirmed = None
-        if self.replicas.needed <= 0:
+        if self.replicas.needed <= 0 and before is None:
             res = _ACQUIRE(self.client, keys=keys, args=args)
         else:
             pipe = self.client.pipeline(transaction=False)
+            if before is not None:
+                before(pipe)
+            ahead = len(pipe)
             _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
             self.replicas.queue_wait(pipe)
             try:
-                res, *confirmed = pipe.execute()
+                res, *confirmed = pipe.execute()[ahead:]
             except NoScriptError:
                 forget(self.client)
-                return self.try_acquire(token, ttl_ms=ttl_ms)
+                return self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp, before=before)
+            if self.replicas.needed <= 0:
+                confirmed = None
         if not isinstance(res, list) or len(res) < 2:
             raise UnexpectedReply(f"script semaphore_acquire answered {res!r}")
         if int(res[0]) == 1:
@@ -83,12 +113,16 @@ class Semaphore:
             return grant
         return int(res[1])
 
-    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int) -> tuple[SlotGrant, float]:
-        """Take a slot, blocking on the release signal; return (grant, ms waited). LeaseBusy on timeout."""
+    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: "Stamp | None" = None,
+                before=None) -> tuple[SlotGrant, float]:
+        """Take a slot, blocking on the release signal; return (grant, ms waited). LeaseBusy on timeout.
+
+        ``stamp`` and ``before`` as for :meth:`try_acquire` (``before`` rides on the first try only)."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
         while True:
-            got = self.try_acquire(token, ttl_ms=ttl_ms)
+            got = self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp, before=before)
+            before = None
             if isinstance(got, SlotGrant):
                 return got, (time.monotonic() - started) * 1000
             left_ms = (give_up - time.monotonic()) * 1000
@@ -100,8 +134,9 @@ class Semaphore:
     def release(self, grant: SlotGrant, *, pipe=None):
         """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given)."""
         k = self.keys
-        keys = [k.lease(grant.name), k.lease_holder(grant.name), k.lease_index, k.slot_signal(self.resource)]
-        args = [grant.token, grant.name, _SIGNAL_TTL_MS]
+        keys = [k.lease(grant.name), k.lease_holder(grant.name), k.lease_index, k.slot_signal(self.resource),
+                k.slots_held(self.resource)]
+        args = [grant.token, grant.name, _SIGNAL_TTL_MS, grant.slot]
         if pipe is not None:
             return _RELEASE.queue_on(pipe, self.client, keys=keys, args=args)
         return _RELEASE(self.client, keys=keys, args=args)
@@ -113,6 +148,11 @@ class Semaphore:
             pipe.exists(self.keys.lease(n))
         return sum(pipe.execute())
 
-    def lease(self, slot_name: str) -> Lease:
-        """The lease behind one slot (to renew it)."""
-        return Lease(self.client, slot_name, keys=self.keys)
+    def renew(self, grant: SlotGrant, *, ttl_ms: int) -> int:
+        """Extend the slot ``grant`` holds to ``ttl_ms`` from now; return its new deadline (ms).
+
+        Raises LeaseNotHeld (from the slot's lease) when the grant no longer holds the slot."""
+        deadline = Lease(self.client, grant.name, keys=self.keys).renew(grant.token, ttl_ms=ttl_ms)
+        # the hint follows the key; XX: a slot released meanwhile is not marked taken again
+        self.client.zadd(self.keys.slots_held(self.resource), {str(grant.slot): deadline}, xx=True)
+        return deadline

@@ -35,8 +35,8 @@ class Keys:
         return f"resource:{resource}"
 
     @staticmethod
-    def slot(resource: str, i: int) -> str:
-        """The lease name of slot ``i`` of a capped resource's semaphore."""
+    def slot(resource: str, i: "int | str") -> str:
+        """The lease name of slot ``i`` of a capped resource's semaphore (``i=""``: the names' common start)."""
         return f"resource:{resource}#{i}"
 
     @staticmethod
@@ -92,6 +92,12 @@ class Keys:
     def slot_signal(self, resource: str) -> str:
         """List a slot release pushes to, so waiting tasks block instead of polling."""
         return f"{self.prefix}:slots:{resource}:released"
+
+    def slots_held(self, resource: str) -> str:
+        """Sorted set: slot number -> deadline (ms, Redis clock) of each slot taken of a capped
+        resource, so a grant finds a free slot in one read. A hint kept beside the slot leases,
+        which stay the truth: a slot is taken only with SET NX on its lease key."""
+        return f"{self.prefix}:slots:{resource}:held"
 
     def waits(self, resource: str) -> str:
         """Hash: count and total ms of waits for a slot, for status."""

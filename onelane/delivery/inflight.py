@@ -93,9 +93,8 @@ class Inflight:
     def record(self, rec: InflightRecord, pipe=None) -> None:
         """Write (or overwrite) the record of an attempt that is about to start."""
         p = pipe or self.client.pipeline(transaction=True)
-        key = self.keys.inflight(rec.task_id)
-        p.delete(key)
-        p.hset(key, mapping=rec.to_redis())
+        # every field is written: nothing of an earlier attempt's record survives (no DEL needed)
+        p.hset(self.keys.inflight(rec.task_id), mapping=rec.to_redis())
         p.zadd(self.keys.inflight_index(rec.queue), {rec.task_id: rec.deadline_ms})
         if pipe is None:
             p.execute()

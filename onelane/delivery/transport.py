@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from queue import Empty
 
 import redis
@@ -68,6 +69,7 @@ class LossProofFetch:
     _fetch_ready: str | None = None  # fetch list registered (and emptied) by this channel
     _plan: QueueFetch | None = None
     _claim_client = None
+    _shared_client = None
 
     def _plan_for(self, queues) -> QueueFetch | None:
         """The fetch steps when this is an onelane worker consuming its one queue; else None."""
@@ -174,6 +176,21 @@ class LossProofFetch:
             log.warning("onelane: the sentinels name %s:%s as master now; reconnecting the fetch to it", host, port)
             conn.disconnect()
             raise redis.ConnectionError(f"the master moved to {host}:{port} (a failover)")
+
+    @contextmanager
+    def conn_or_acquire(self, client=None):
+        """The client kombu sends a publish, an event or an ack through: one per connection pool,
+        kept (kombu builds a new redis-py client, and its table of reply callbacks, for every
+        one: a tenth of a worker's CPU per callout, measured with py-spy under make bench). A
+        redis-py client is safe to share between threads: each command borrows a connection."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        kept = self._shared_client
+        if kept is None or kept.connection_pool is not pool:  # a reconnect made a new pool
+            kept = self._shared_client = self._create_client()
+        yield kept
 
     # -- the fetch list --------------------------------------------------------------
     def _client(self):

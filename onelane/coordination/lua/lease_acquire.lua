@@ -21,12 +21,13 @@ local fence
 if current == ARGV[1] then
     fence = tonumber(redis.call('GET', KEYS[3]) or '0')
 elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
-    if redis.call('EXISTS', KEYS[3]) == 0 then
-        -- a counter that does not exist yet (a new lease, or Redis came back without its data)
+    fence = redis.call('INCR', KEYS[3])
+    if fence == 1 then
+        -- a counter that did not exist (a new lease, or Redis came back without its data)
         -- starts from the Redis clock in microseconds: above every token granted before
         redis.call('SET', KEYS[3], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+        fence = redis.call('INCR', KEYS[3])
     end
-    fence = redis.call('INCR', KEYS[3])
 else
     local h = redis.call('HMGET', KEYS[2], 'host', 'pid', 'label', 'renewed', 'since')
     return {0, redis.call('PTTL', KEYS[1]), current, h[1] or '', h[2] or '', h[3] or '',
@@ -38,7 +39,7 @@ if since == '' then since = tostring(now) end
 if current == ARGV[1] then
     since = redis.call('HGET', KEYS[2], 'since') or since
 end
-redis.call('DEL', KEYS[2])
+-- every field is written, so no earlier holder's field survives (no DEL needed)
 redis.call('HSET', KEYS[2], 'token', ARGV[1], 'host', ARGV[3], 'pid', ARGV[4], 'label', ARGV[5],
            'since', since, 'renewed', now, 'deadline', deadline, 'fence', fence)
 redis.call('PEXPIRE', KEYS[2], ttl)

@@ -1,39 +1,101 @@
--- Take one of N slots of a capped resource (a distributed semaphore of N leases).
+-- Take one of N slots of a capped resource (a distributed semaphore of N leases), in O(1) reads.
 -- KEYS[1] the resource's fencing counter (shared by all slots)
 -- KEYS[2] lease index (sorted set: lease name -> deadline ms)
 -- KEYS[3] adaptive cap hash (field 'cap', a float; absent = N)
--- KEYS[4 .. 3+N] the slot lease keys
+-- KEYS[4] held set (sorted set: slot number -> deadline ms): which slots are taken, read in one
+--         command instead of N PTTLs. A hint only: the slot's lease key is the truth, taken with
+--         SET NX, so a stale hint can never hand one slot to two holders.
+-- KEYS[5 .. 4+N] the slot lease keys
 -- ARGV[1] token, ARGV[2] ttl ms, ARGV[3] N, ARGV[4] 1 if the cap is adaptive
--- ARGV[5 .. 4+N] the slot lease names (index members)
+-- ARGV[5] the slot lease names without their number: slot i is <ARGV[5]><i> (its index member)
+-- Optionally, an in-flight record the grant stamps (so the attempt is on record with its slot
+-- before it starts, with no other write): KEYS[5+N] the record (hash), KEYS[6+N] its queue's
+-- in-flight index (task id -> deadline ms); ARGV[6] task id, ARGV[7] ms from the grant to the
+-- attempt's deadline. Sets lease, lease_token, fence, started_ms, deadline_ms.
 -- Returns {1, slot (1-based), fence, deadline_ms, now_ms, cap} when granted,
 -- else {0, ms until the soonest slot expires, held, cap}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[2])
+local HELD = KEYS[4]
 local cap = n
 if ARGV[4] == '1' then
     local c = tonumber(redis.call('HGET', KEYS[3], 'cap') or n)
     cap = math.max(1, math.min(n, math.floor(c)))
 end
-local held, free, soonest = 0, nil, nil
-for i = 1, n do
-    local pttl = redis.call('PTTL', KEYS[3 + i])
-    if pttl == -2 then
-        if not free then free = i end
-    else
-        held = held + 1
-        if pttl >= 0 and (not soonest or pttl < soonest) then soonest = pttl end
+
+-- the slots whose deadline has not passed, soonest first (a lease key lives until its deadline)
+local function read_hint()
+    local taken, count, soonest = {}, 0, nil
+    local rows = redis.call('ZRANGEBYSCORE', HELD, now, '+inf', 'WITHSCORES')
+    for i = 1, #rows, 2 do
+        local slot = tonumber(rows[i])
+        if slot and slot >= 1 and slot <= n then
+            taken[slot] = true
+            count = count + 1
+            if not soonest then soonest = tonumber(rows[i + 1]) - now end
+        end
     end
+    return taken, count, soonest
 end
-if held >= cap or not free then
-    return {0, soonest or 50, held, cap}
+
+-- the slow path, for a hint that disagrees with the keys (an older onelane wrote them, or a
+-- deadline on the exact millisecond): every slot's PTTL, and the hint rewritten from them
+local function scan()
+    local taken, count, soonest = {}, 0, nil
+    for i = 1, n do
+        local pttl = redis.call('PTTL', KEYS[4 + i])
+        if pttl ~= -2 then
+            taken[i] = true
+            count = count + 1
+            if pttl >= 0 then
+                redis.call('ZADD', HELD, now + pttl, i)
+                if not soonest or pttl < soonest then soonest = pttl end
+            end
+        else
+            redis.call('ZREM', HELD, i)
+        end
+    end
+    return taken, count, soonest
 end
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[3 + free], ARGV[1], 'PX', ttl)
-if redis.call('EXISTS', KEYS[1]) == 0 then
-    -- a new counter starts from the Redis clock in microseconds (see lease_acquire.lua)
-    redis.call('SET', KEYS[1], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+
+local function take(taken, count, soonest)
+    if count >= cap then
+        return nil, {0, soonest or 50, count, cap}
+    end
+    for i = 1, n do
+        if not taken[i] then
+            if redis.call('SET', KEYS[4 + i], ARGV[1], 'PX', ttl, 'NX') then
+                return i
+            end
+            return nil  -- the hint said free, the key says held: look at every key
+        end
+    end
+    return nil, {0, soonest or 50, count, cap}
+end
+
+local free, busy = take(read_hint())
+if not free and not busy then
+    free, busy = take(scan())
+end
+if not free then
+    return busy or {0, 50, n, cap}
 end
 local fence = redis.call('INCR', KEYS[1])
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[4 + free])
+if fence == 1 then
+    -- a counter that did not exist (a new resource, or Redis came back without its data) starts
+    -- from the Redis clock in microseconds: above every token granted before (see lease_acquire.lua)
+    redis.call('SET', KEYS[1], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+    fence = redis.call('INCR', KEYS[1])
+end
+local name = ARGV[5] .. free
+redis.call('ZADD', KEYS[2], now + ttl, name)
+redis.call('ZADD', HELD, now + ttl, free)
+if #KEYS >= 6 + n then
+    local due = now + tonumber(ARGV[7])
+    redis.call('HSET', KEYS[5 + n], 'lease', name, 'lease_token', ARGV[1], 'fence', fence,
+               'started_ms', now, 'deadline_ms', due)
+    redis.call('ZADD', KEYS[6 + n], due, ARGV[6])
+end
 return {1, free, fence, now + ttl, now, cap}

@@ -11,7 +11,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local deadline = now + tonumber(ARGV[2])
-redis.call('DEL', KEYS[1])
+-- ARGV carries every field of the record but the three set here: nothing of an earlier attempt's
+-- record survives the HSET (no DEL needed)
 local fields = {}
 for i = 3, #ARGV do
     fields[#fields + 1] = ARGV[i]

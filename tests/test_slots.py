@@ -1,0 +1,165 @@
+"""The semaphore of a capped resource against the session's real Redis: the cap, the held-slot
+hint that makes a grant O(1), and why a stale hint can never hand one slot to two holders."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from onelane.coordination.lease import new_token
+from onelane.coordination.slots import Semaphore, SlotGrant, Stamp
+from onelane.core.keys import Keys
+from onelane.core.limits import Limit
+
+pytestmark = pytest.mark.redis
+
+KEYS = Keys()
+TTL_MS = 30_000
+
+
+def semaphore(client, cap: int, resource: str = "acme", **limit) -> Semaphore:
+    return Semaphore(client, KEYS, resource, Limit(concurrency=cap, **limit))
+
+
+def hint(client, resource: str = "acme") -> dict[int, float]:
+    return {int(m): s for m, s in client.zrange(KEYS.slots_held(resource), 0, -1, withscores=True)}
+
+
+def commands(client) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+def test_twenty_threads_never_hold_more_than_the_cap_or_one_slot_twice(redis_client):
+    # Given a cap of 5 and 20 threads looping take / hold briefly / release for ~2 s
+    sem = semaphore(redis_client, 5)
+    guard = threading.Lock()
+    held: dict[int, str] = {}
+    state = {"max": 0, "grants": 0, "twice": 0}
+    errors: list[BaseException] = []
+    run_until = time.monotonic() + 2.0
+
+    def contend():
+        try:
+            while time.monotonic() < run_until:
+                got = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+                if not isinstance(got, SlotGrant):
+                    time.sleep(0.001)
+                    continue
+                with guard:
+                    state["twice"] += got.slot in held
+                    held[got.slot] = got.token
+                    state["max"] = max(state["max"], len(held))
+                    state["grants"] += 1
+                time.sleep(0.002)
+                with guard:
+                    del held[got.slot]
+                sem.release(got)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contend) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    # Then no slot was ever held twice, the cap held, and the slots kept changing hands
+    assert not errors, errors
+    assert state["twice"] == 0
+    assert state["max"] <= 5
+    assert state["grants"] > 100, state
+    assert hint(redis_client) == {}, "every release took its slot out of the hint"
+
+
+def test_a_grant_reads_the_hint_not_every_slot(redis_client):
+    # Given a cap of 25 with 10 slots taken
+    sem = semaphore(redis_client, 25)
+    grants = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(10)]
+    assert all(isinstance(g, SlotGrant) for g in grants)
+    redis_client.config_resetstat()
+    # When 10 more are taken
+    more = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(10)]
+    # Then each grant read the hint once and looked at no slot's PTTL (the old grant read 25 each)
+    assert sorted(g.slot for g in grants + more) == list(range(1, 21))
+    calls = commands(redis_client)
+    assert calls.get("pttl", 0) == 0
+    assert calls["zrangebyscore"] == 10
+    assert sorted(hint(redis_client)) == list(range(1, 21))
+
+
+def test_a_lost_hint_never_hands_a_held_slot_to_a_second_holder(redis_client):
+    # Given slots 1 and 2 of 3 held, and the hint gone (an older onelane, or a hand-made key)
+    sem = semaphore(redis_client, 3)
+    first, second = (sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(2))
+    redis_client.delete(KEYS.slots_held("acme"))
+    # When another grant is asked for
+    third = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    # Then it gets the free slot 3: slot 1's key said no (SET NX), and the script read every key
+    assert isinstance(third, SlotGrant) and third.slot == 3
+    assert redis_client.get(KEYS.lease(first.name)).decode() == first.token
+    assert redis_client.get(KEYS.lease(second.name)).decode() == second.token
+    # and the hint is whole again, so the next grant is refused from it: all 3 are held
+    assert sorted(hint(redis_client)) == [1, 2, 3]
+    busy = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    assert isinstance(busy, int) and 0 < busy <= TTL_MS
+
+
+def test_an_expired_slot_is_free_again_without_a_release(redis_client):
+    # Given a cap of 1 whose holder died (its slot's TTL runs out; nobody releases it)
+    sem = semaphore(redis_client, 1)
+    dead = sem.try_acquire(new_token(), ttl_ms=50)
+    assert isinstance(dead, SlotGrant)
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), int)
+    time.sleep(0.1)
+    # When another asks after the deadline
+    got = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    # Then it gets the slot, with a larger fencing token
+    assert isinstance(got, SlotGrant) and got.slot == 1 and got.fence > dead.fence
+
+
+def test_a_release_by_a_stale_grant_leaves_the_slot_and_its_hint_alone(redis_client):
+    # Given slot 1 taken by a grant that expired, then taken again by a live one
+    sem = semaphore(redis_client, 1)
+    stale = sem.try_acquire(new_token(), ttl_ms=50)
+    time.sleep(0.1)
+    live = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    assert isinstance(live, SlotGrant) and live.slot == stale.slot
+    # When the stale grant's holder releases late
+    sem.release(stale)
+    # Then the live holder keeps the slot, and the hint still counts it
+    assert redis_client.get(KEYS.lease(live.name)).decode() == live.token
+    assert list(hint(redis_client)) == [1]
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), int)
+
+
+def test_a_renewal_moves_the_slots_deadline_in_the_hint(redis_client):
+    sem = semaphore(redis_client, 2)
+    got = sem.try_acquire(new_token(), ttl_ms=1_000)
+    before = hint(redis_client)[got.slot]
+    deadline = sem.renew(got, ttl_ms=TTL_MS)
+    assert hint(redis_client)[got.slot] == deadline > before + 20_000
+
+
+def test_the_adaptive_cap_is_read_at_every_grant(redis_client):
+    # Given 4 slots whose adaptive cap is down to 2
+    sem = semaphore(redis_client, 4, adaptive=True)
+    redis_client.hset(KEYS.adaptive("acme"), "cap", "2.7")
+    # Then only 2 are granted
+    got = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(3)]
+    assert [isinstance(g, SlotGrant) for g in got] == [True, True, False]
+    assert got[1].cap == 2
+
+
+def test_a_grant_stamps_the_in_flight_record_with_its_slot(redis_client):
+    # Given an in-flight record written before the wait for a slot
+    record, index = KEYS.inflight("t1"), KEYS.inflight_index("bulk")
+    redis_client.hset(record, mapping={"task_id": "t1", "lease": "", "lease_token": "", "fence": "0",
+                                       "started_ms": "0", "deadline_ms": "0"})
+    sem = semaphore(redis_client, 3)
+    # When the grant stamps it
+    got = sem.try_acquire(new_token(), ttl_ms=TTL_MS, stamp=Stamp(record, index, "t1", 5_000))
+    # Then the record names the slot, its token and fence, and the attempt's deadline, in the index too
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(record).items()}
+    assert h["lease"] == got.name and h["lease_token"] == got.token and int(h["fence"]) == got.fence
+    assert int(h["started_ms"]) == got.now_ms and int(h["deadline_ms"]) == got.now_ms + 5_000
+    assert redis_client.zscore(index, "t1") == got.now_ms + 5_000
