@@ -51,3 +51,27 @@ def test_200_callouts_from_4_producers_run_one_at_a_time_in_order(base_env, redi
     assert redis_client.llen(fetch_list) == 0
     # (the last message is acked just after its result is stored, hence the short wait)
     wait_for(lambda: redis_client.hlen("unacked") == 0, 5, what="every message acknowledged")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+def test_a_callout_is_acknowledged_with_its_outcome_and_the_workers_ack_adds_no_round_trip(
+        pool, base_env, redis_client, api, start, celery_app):
+    # Given a real worker with each pool, warmed up with one callout
+    extra = [] if pool == "prefork" else ["--pool", pool] + (["-c", "1"] if pool == "threads" else [])
+    start(procs.worker(base_env, extra=extra))
+    first = celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/warm"}, queue="serial")
+    first.get(timeout=60)
+    wait_for(lambda: redis_client.hlen("unacked") == 0, 5, what="the warm-up acknowledged")
+    redis_client.config_resetstat()
+    # When 20 callouts run
+    results = [celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/a", "json": {"i": i}},
+                                    queue="serial") for i in range(20)]
+    assert [r.get(timeout=60)["status_code"] for r in results] == [200] * 20
+    # Then every message is acknowledged, each in the one transaction that recorded its outcome:
+    # kombu's own ack (MULTI, ZREM, HDEL, EXEC) never reached Redis, so one EXEC per callout
+    wait_for(lambda: redis_client.hlen("unacked") == 0 and not redis_client.zcard("unacked_index"), 5,
+             what="every message acknowledged")
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_exec"]["calls"] == 20, stats["cmdstat_exec"]
+    assert stats["cmdstat_hdel"]["calls"] == 20, stats["cmdstat_hdel"]
+    assert len(api.snapshot()) == 21 and api.overlaps == 0

@@ -77,6 +77,23 @@ def test_a_take_reads_kombus_list_and_takes_the_oldest_unacked_in_the_same_step(
 
 
 @pytest.mark.redis
+def test_a_take_from_the_bulk_queue_records_its_receiver_in_the_same_step(redis_client, celery_app):
+    # Given a bulk worker's fetch (many consumers: the reaper must know who received what) and a lane's
+    bulk = QueueFetch(KEYS, "bulk", KEYS.fetch_list("bulk", "w1"), receiver="w1")
+    lane = fetcher()
+    publish(celery_app, queue="bulk")
+    publish(celery_app)
+    # When each takes a message
+    from_bulk, from_lane = take(redis_client, bulk), take(redis_client, lane)
+    # Then the bulk message is unacked with its receiver recorded by the same script; the lane's has none
+    bulk_tag = json.loads(from_bulk.message)["properties"]["delivery_tag"]
+    lane_tag = json.loads(from_lane.message)["properties"]["delivery_tag"]
+    assert redis_client.hget(KEYS.reserved("bulk"), bulk_tag) == b"w1"
+    assert redis_client.hexists(KOMBU_UNACKED, bulk_tag)
+    assert not redis_client.exists(KEYS.reserved(QUEUE)) and redis_client.hexists(KOMBU_UNACKED, lane_tag)
+
+
+@pytest.mark.redis
 def test_an_absorb_of_messages_another_worker_took_meanwhile_moves_nothing_twice(redis_client, celery_app):
     a, b = fetcher(token="a"), fetcher(token="b")
     ids = [publish(celery_app) for _ in range(3)]

@@ -414,3 +414,37 @@ def test_steal_takes_over_only_from_the_named_token(redis_client):
 def test_a_lease_needs_a_name(redis_client):
     with pytest.raises(ValueError):
         Lease(redis_client, "", keys=KEYS)
+
+
+def test_a_grant_writes_the_in_flight_record_it_is_for_granted_or_not(redis_client):
+    # Given two finished attempts of task t1 in its ledger
+    from onelane.coordination.lease import Stamp
+
+    redis_client.rpush(KEYS.attempts("t1"), "{}", "{}")
+    record, index = KEYS.inflight("t1"), KEYS.inflight_index("serial")
+
+    def stamp():
+        return Stamp(record, index, "t1", due_in_ms=5_000, fields=("task_id", "t1", "owner", "w1"),
+                     attempts_key=KEYS.attempts("t1"))
+
+    def read() -> dict:
+        return {k.decode(): v.decode() for k, v in redis_client.hgetall(record).items()}
+
+    # When the lease is granted with the record stamped in the same script
+    mine, other = new_token(), new_token()
+    pipe = redis_client.pipeline(transaction=False)
+    lease(redis_client).queue_acquire(pipe, mine, ttl_ms=10_000, stamp=stamp())
+    grant = lease(redis_client).acquire_reply(mine, pipe.execute()[0])
+    # Then the record holds the grant's lease, token, fence and start, attempt 3, due 5 s after the grant
+    assert isinstance(grant, Grant)
+    h = read()
+    assert (h["lease"], h["lease_token"], int(h["fence"])) == (NAME, mine, grant.fence)
+    assert int(h["started_ms"]) == grant.now_ms and int(h["deadline_ms"]) == grant.now_ms + 5_000
+    assert h["attempt"] == "3" and h["task_id"] == "t1" and h["owner"] == "w1"
+    assert redis_client.zscore(index, "t1") == grant.now_ms + 5_000
+    # And when another token tries while it is held, the record is still written, with no fence
+    pipe = redis_client.pipeline(transaction=False)
+    lease(redis_client).queue_acquire(pipe, other, ttl_ms=10_000, stamp=stamp())
+    assert isinstance(lease(redis_client).acquire_reply(other, pipe.execute()[0]), Holder)
+    h = read()
+    assert h["lease_token"] == other and h["fence"] == "0" and h["attempt"] == "3"

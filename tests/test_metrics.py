@@ -74,6 +74,10 @@ def test_histogram_buckets_are_cumulative_and_counters_parse():
     assert series["buckets"][bounds.index(10.0)] == 4
     assert series["buckets"][-1] == 5  # +Inf: the count
     assert series["sum"] == pytest.approx(1006.61)
+    assert all(isinstance(v, int) for v in p.h.values()), "every write an HINCRBY (no float parsing in Redis)"
+    # a sum in seconds written by an earlier onelane is added in
+    older = {**{k: str(v) for k, v in p.h.items()}, counters.field("callout_duration_seconds", "erp", "erp", "sum"): "1.5"}
+    assert counters.parse_histograms(older)[("callout_duration_seconds", "erp", "erp")]["sum"] == pytest.approx(1008.11)
     assert counters.status_class(503) == "5xx" and counters.status_class(None) == "error"
     with pytest.raises(ValueError):
         counters.count(p, KEYS, "succeeded", "erp")  # a label missing

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from onelane.coordination.lease import new_token
-from onelane.coordination.slots import Semaphore, SlotGrant, Stamp
+from onelane.coordination.lease import Stamp
+from onelane.coordination.slots import Semaphore, SlotGrant
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
 
@@ -157,7 +158,7 @@ def test_a_grant_stamps_the_in_flight_record_with_its_slot(redis_client):
                                        "started_ms": "0", "deadline_ms": "0"})
     sem = semaphore(redis_client, 3)
     # When the grant stamps it
-    got = sem.try_acquire(new_token(), ttl_ms=TTL_MS, stamp=Stamp(record, index, "t1", 5_000))
+    got = sem.try_acquire(new_token(), ttl_ms=TTL_MS, stamp=Stamp(record, index, "t1", due_in_ms=5_000))
     # Then the record names the slot, its token and fence, and the attempt's deadline, in the index too
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(record).items()}
     assert h["lease"] == got.name and h["lease_token"] == got.token and int(h["fence"]) == got.fence

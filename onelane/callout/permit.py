@@ -24,9 +24,9 @@ from typing import Protocol
 
 from onelane.callout.classify import Reply, overloaded, retry_after_s
 from onelane.coordination.adaptive import Adaptive
-from onelane.coordination.lease import Grant, Lease
+from onelane.coordination.lease import Grant, Lease, Stamp
 from onelane.coordination.rate import RateLimiter
-from onelane.coordination.slots import Semaphore, Stamp
+from onelane.coordination.slots import Semaphore
 from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
@@ -81,10 +81,10 @@ class SerialPermit:
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         # Usually the lease is free: the grant and the in-flight record travel with the
         # preflight's reads (one round trip for everything before the attempt).
-        self.lease.queue_acquire(pipe, token, ttl_ms=ttl_ms, label=f"task {record.task_id}")
-        self.inflight.queue_record_now(pipe, replace(record, lease=self.lease.name, lease_token=token),
-                                       deadline_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
-        return 2
+        # (the in-flight record is written by the grant's own script, granted or not)
+        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        self.lease.queue_acquire(pipe, token, ttl_ms=ttl_ms, label=f"task {record.task_id}", stamp=stamp)
+        return 1
 
     def speculated(self, replies, *, token):
         got = self.lease.acquire_reply(token, replies[0])
@@ -145,7 +145,7 @@ class SlotPermit:
         # dead worker's waiting task comes back at once), and the grant stamps it with its slot,
         # fence and deadline in the same script.
         stamp = Stamp(self.keys.inflight(record.task_id), self.keys.inflight_index(record.queue), record.task_id,
-                      timeout_ms)
+                      due_in_ms=timeout_ms)
         grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
                                               before=lambda pipe: self.inflight.record(record, pipe=pipe))
         if self.rate is not None:
@@ -161,7 +161,7 @@ class SlotPermit:
     def queue_counts(self, pipe, *, waited_ms, lane):
         # the wait for the slot, counted on the transaction that records the attempt's outcome
         pipe.hincrby(self.keys.waits(self.resource), "count", 1)
-        pipe.hincrbyfloat(self.keys.waits(self.resource), "total_ms", round(waited_ms, 1))
+        pipe.hincrby(self.keys.waits(self.resource), "total_us", round(waited_ms * 1000))
         counters.observe(pipe, self.keys, "slot_wait_seconds", waited_ms / 1000, lane, self.resource)
 
     def feedback(self, reply, *, retry_after_max_s):

@@ -50,7 +50,7 @@ from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import coalescing, flow
-from onelane.delivery.inflight import Inflight, InflightRecord, requeue_at_head
+from onelane.delivery.inflight import Inflight, InflightRecord, queue_acknowledge, requeue_at_head
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,14 @@ class CalloutRun:
             self._redis(lambda: self._finish_coalescing(prior.status, result=prior.result, error=prior.error))
         if prior.status == FAILURE:
             raise CalloutFailed(prior.error or "failed earlier")
+        if self.delivery.delivery_tag:  # every success acknowledges its message itself (see record_success)
+            self._redis(lambda: self._acknowledge_now())
         return prior.result
+
+    def _acknowledge_now(self) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        queue_acknowledge(pipe, self.delivery.delivery_tag)
+        pipe.execute()
 
     def wait_until_open(self, check: Preflight) -> bool:
         """Wait while the queue is paused or the resource's circuit is open.
@@ -407,6 +414,8 @@ class CalloutRun:
         counters.count(done, self.keys, "succeeded", d.queue, self.resource)
         self._count_attempt(done, attempt, reply)
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
+        if d.delivery_tag:  # acknowledged with its outcome (the worker's ack then stays in memory)
+            queue_acknowledge(done, d.delivery_tag)
         try:
             done.execute()
         except redis.exceptions.NoScriptError:

@@ -34,6 +34,8 @@ from onelane.core.text import text, text_map
 log = logging.getLogger(__name__)
 
 _ACQUIRE = LuaScript(__package__, "lease_acquire")
+#: this host's name, as holders show it (read once: a lookup per grant costs a system call)
+_HOST = socket.gethostname()
 _RENEW = LuaScript(__package__, "lease_renew")
 _RELEASE = LuaScript(__package__, "lease_release")
 _REAP = LuaScript(__package__, "lease_reap")
@@ -47,6 +49,25 @@ _MAX_BLOCK_MS = 2_000
 def new_token() -> str:
     """A random lease token."""
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A record a grant writes in its own script: the in-flight record of the attempt it is for, so
+    the attempt is on record with its lease, token, fence, start and deadline before it starts, and
+    with no write of its own. The grant's primitive fills ``lease``, ``lease_token``, ``fence``,
+    ``started_ms`` and ``deadline_ms`` (and ``attempt``, from ``attempts_key``); ``fields`` holds the
+    rest of the record (field, value, ...)."""
+
+    record_key: str
+    index_key: str
+    #: the record's member in the index (the task id)
+    member: str
+    #: from the grant to the attempt's deadline, ms
+    due_in_ms: int
+    fields: tuple = ()
+    #: a list whose length + 1 is the record's attempt number (None: the record has it already)
+    attempts_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +151,7 @@ class Lease:
         """
         k = self.keys
         keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_fence(self.name), k.lease_index]
-        args = [token, int(ttl_ms), socket.gethostname(), os.getpid(), label,
+        args = [token, int(ttl_ms), _HOST, os.getpid(), label,
                 "" if since_ms is None else int(since_ms), self.name, steal or ""]
         if along is None and self.replicas.needed <= 0:
             return _acquire_reply(self.name, token, _ACQUIRE(self.client, keys=keys, args=args))
@@ -153,11 +174,17 @@ class Lease:
                                 self.replicas.needed)
         return got
 
-    def queue_acquire(self, pipe, token: str, *, ttl_ms: int, label: str = "") -> None:
-        """Queue one acquire attempt on ``pipe``; decode its reply with :meth:`acquire_reply`."""
+    def queue_acquire(self, pipe, token: str, *, ttl_ms: int, label: str = "", stamp: Stamp | None = None) -> None:
+        """Queue one acquire attempt on ``pipe``; decode its reply with :meth:`acquire_reply`.
+
+        ``stamp``: a record the same script writes, granted or not (with this token and the lease's
+        name; its fence is the grant's, or 0 when the lease was busy). It needs ``attempts_key``."""
         k = self.keys
         keys = [k.lease(self.name), k.lease_holder(self.name), k.lease_fence(self.name), k.lease_index]
-        args = [token, int(ttl_ms), socket.gethostname(), os.getpid(), label, "", self.name, ""]
+        args = [token, int(ttl_ms), _HOST, os.getpid(), label, "", self.name, ""]
+        if stamp is not None:
+            keys += [stamp.record_key, stamp.index_key, stamp.attempts_key]
+            args += [stamp.member, int(stamp.due_in_ms), *stamp.fields]
         _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
 
     def acquire_reply(self, token: str, reply) -> Grant | Holder:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import NoScriptError
 
-from onelane.coordination.lease import Grant, Lease
+from onelane.coordination.lease import Grant, Lease, Stamp
 from onelane.core.errors import LeaseBusy, UnexpectedReply
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
@@ -31,17 +31,6 @@ _RELEASE = LuaScript(__package__, "lease_release")
 
 _SIGNAL_TTL_MS = 10_000
 _MAX_BLOCK_MS = 2_000
-
-
-@dataclass(frozen=True)
-class Stamp:
-    """An in-flight record a slot grant writes its slot, token, fence, start and deadline into."""
-
-    record_key: str
-    index_key: str
-    task_id: str
-    #: the attempt's deadline is this long after the grant
-    timeout_ms: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +62,7 @@ class Semaphore:
         """A :class:`SlotGrant`, or the ms until the soonest slot expires.
 
         ``stamp``: an in-flight record the grant writes itself into (its slot, token, fence, start
-        and deadline), in the same script, so an attempt holding the slot is on record before it
+        and deadline; the record's other fields are written ahead, by ``before``), in the same script, so an attempt holding the slot is on record before it
         starts without another round trip. ``before(pipe)`` queues writes that go ahead of the try
         on the same round trip. With replicas required, a slot they did not confirm in time is
         freed and :class:`NotReplicated` raised: it never counts as had.
@@ -81,7 +70,7 @@ class Semaphore:
         keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args]
         if stamp is not None:
             keys = [*keys, stamp.record_key, stamp.index_key]
-            args += [stamp.task_id, int(stamp.timeout_ms)]
+            args += [stamp.member, int(stamp.due_in_ms)]
         confirmed = None
         if self.replicas.needed <= 0 and before is None:
             res = _ACQUIRE(self.client, keys=keys, args=args)

@@ -100,7 +100,7 @@ class Keys:
         return f"{self.prefix}:slots:{resource}:held"
 
     def waits(self, resource: str) -> str:
-        """Hash: count and total ms of waits for a slot, for status."""
+        """Hash: count and total microseconds (``total_us``) of waits for a slot, for status."""
         return f"{self.prefix}:waits:{resource}"
 
     def batch(self, batch_id: str) -> str:
@@ -234,7 +234,7 @@ class Keys:
 
     @property
     def metric_histograms(self) -> str:
-        """Hash: JSON [metric, label values..., bucket index | "sum"] -> count (or sum of seconds)."""
+        """Hash: JSON [metric, label values..., bucket index | "sum_us"] -> count (or sum in microseconds)."""
         return f"{self.prefix}:metrics:histograms"
 
     # -- Redis itself

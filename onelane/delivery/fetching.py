@@ -53,13 +53,15 @@ class Step:
 class QueueFetch:
     """The fetch steps of one worker on one queue (the script's keys, built once)."""
 
-    def __init__(self, keys: Keys, queue: str, fetch_list: str):
+    def __init__(self, keys: Keys, queue: str, fetch_list: str, *, receiver: str = ""):
         self.queue = queue
         self.fetch_list = fetch_list
+        #: the worker token a take records as the message's receiver ('' = none: a lane's guard says who)
+        self.receiver = receiver
         self.keys = [keys.queue_list(queue), keys.ready(queue), KOMBU_UNACKED, KOMBU_UNACKED_INDEX,
                      keys.coalesce_waiting(queue), keys.coalesce_started(queue), keys.coalesce_parked(queue),
                      keys.coalesce_newest(queue), keys.coalesce_key_of(queue), keys.coalesce_counts(queue),
-                     fetch_list]
+                     fetch_list, keys.reserved(queue)]
         self.carried_prefix = keys.coalesce_carried(queue, "")
 
     def take_command(self, client) -> list:
@@ -86,7 +88,8 @@ class QueueFetch:
 
     def _args(self, mode: str, *, drain_first: bool) -> list:
         now = time.time()
-        return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0", self.carried_prefix]
+        return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0", self.carried_prefix,
+                self.receiver]
 
 
 def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) -> list[bytes]:

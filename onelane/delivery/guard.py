@@ -60,6 +60,7 @@ from onelane.delivery.epoch import EpochWatch
 from onelane.delivery.flow import absorb_priorities, promote_due
 from onelane.delivery.recovery import wait_and_requeue_orphans
 from onelane.delivery.registry import register_queue
+from onelane.delivery.transport import receipt_recorded
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +441,10 @@ def _note_received(sender=None, request=None, **_):
     if info.get("routing_key") != s.bulk_queue:
         return
     token = os.environ.get(WORKER_ID_ENV)
-    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    message = getattr(request, "message", None)
+    tag = getattr(message, "delivery_tag", None)
+    if message is not None and receipt_recorded(message):  # the take wrote it, in the same step
+        return
     if token and tag:
         try:
             client_for(s).hset(Keys(s.key_prefix).reserved(s.bulk_queue), tag, token)

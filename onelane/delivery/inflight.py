@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
+from onelane.coordination.lease import Stamp
 from onelane.core.errors import UnexpectedReply
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.core.scripts import LuaScript
@@ -20,7 +21,8 @@ from onelane.core.text import text, text_map
 from onelane.delivery.messages import mark_redelivered
 
 _REQUEUE = LuaScript(__package__, "requeue_at_head")
-_RECORD = LuaScript(__package__, "inflight_record")
+#: the fields of a record a grant's stamp writes itself
+_STAMPED = frozenset({"lease", "lease_token", "fence", "started_ms", "deadline_ms", "attempt"})
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +101,16 @@ class Inflight:
         if pipe is None:
             p.execute()
 
-    def queue_record_now(self, pipe, rec: InflightRecord, *, deadline_in_ms: int) -> None:
-        """Queue, on ``pipe``, the record of an attempt starting now, stamped on the Redis clock:
-        started now, due ``deadline_in_ms`` from now, its attempt number counted from the ledger."""
-        fields = {k: v for k, v in rec.to_redis().items() if k not in ("started_ms", "deadline_ms", "attempt")}
-        args = [rec.task_id, int(deadline_in_ms)]
-        for k, v in fields.items():
-            args += [k, v]
-        _RECORD.queue_on(pipe, self.client, keys=[self.keys.inflight(rec.task_id), self.keys.inflight_index(rec.queue),
-                                                  self.keys.attempts(rec.task_id)], args=args)
+    def stamp(self, rec: InflightRecord, *, due_in_ms: int) -> Stamp:
+        """The record of an attempt starting now, for a grant to write in its own script (stamped on
+        the Redis clock: started at the grant, due ``due_in_ms`` after it, its attempt number counted
+        from the ledger, its lease, token and fence the grant's)."""
+        fields = []
+        for k, v in rec.to_redis().items():
+            if k not in _STAMPED:
+                fields += [k, v]
+        return Stamp(self.keys.inflight(rec.task_id), self.keys.inflight_index(rec.queue), rec.task_id,
+                     int(due_in_ms), tuple(fields), attempts_key=self.keys.attempts(rec.task_id))
 
     def get(self, task_id: str) -> InflightRecord | None:
         h = self.client.hgetall(self.keys.inflight(task_id))
@@ -124,6 +127,15 @@ class Inflight:
         p.zrem(self.keys.inflight_index(queue), task_id)
         if pipe is None:
             p.execute()
+
+
+def queue_acknowledge(pipe, delivery_tag: str) -> None:
+    """Queue, on the transaction that records a callout's outcome, the removal of its message's
+    unacked copy (kombu's ack, in kombu's layout): the message is acknowledged in the same step as
+    its outcome is recorded, and the worker's own ack then only clears kombu's bookkeeping in
+    memory (:func:`onelane.delivery.transport.acked_with_outcome`) — one round trip less a callout."""
+    pipe.zrem(KOMBU_UNACKED_INDEX, delivery_tag)
+    pipe.hdel(KOMBU_UNACKED, delivery_tag)
 
 
 def requeue_at_head(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str,

@@ -14,6 +14,7 @@ import logging
 import time
 
 from celery.utils.saferepr import saferepr
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from onelane.coordination.lease import Lease
@@ -23,6 +24,7 @@ from onelane.core.redaction import redact_kwargs
 from onelane.core.settings import get_settings
 from onelane.delivery import coalescing
 from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, requeue_at_head
+from onelane.delivery.transport import acked_with_outcome
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,17 @@ class HeadRequeueRequest(Request):
                 except Exception:  # Redis away: the reaper frees the key later
                     log.exception("onelane: could not free the coalesce key of revoked %s", self.id)
         return gone
+
+    def acknowledge(self):
+        """Celery's ack after the task; a callout that succeeded acknowledged its message with its
+        outcome (one transaction), so kombu's ack only clears its bookkeeping in memory."""
+        tag = getattr(self.message, "delivery_tag", None)
+        if not self.acknowledged and tag and self.id in getattr(worker_state, "successful_requests", ()):
+            # Celery marks the request successful just before this ack (task_ready); a failed or
+            # rejected callout acks the usual way. Should Celery ever stop marking it, every ack
+            # goes the usual way: a removal that finds nothing, never a message left behind.
+            acked_with_outcome(tag)
+        return super().acknowledge()
 
     def reject(self, requeue=False):
         if not requeue or self.acknowledged:

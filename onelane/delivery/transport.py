@@ -48,7 +48,34 @@ from onelane.delivery.fetching import DRAIN_BUDGET, QueueFetch, Step, give_back
 log = logging.getLogger(__name__)
 
 
+#: delivery tags about to be acknowledged whose unacked copy went with their outcome (one transaction)
+_ACKED_WITH_OUTCOME: set = set()
+#: a bound on that set, should acks it waits for never come (a lost connection): past it, it is
+#: emptied, and those acks go the usual way (a removal that finds nothing)
+_ACKED_WITH_OUTCOME_MAX = 10_000
+
+
+def acked_with_outcome(delivery_tag: str) -> None:
+    """Say that kombu's coming ack of ``delivery_tag`` need only clear its bookkeeping in memory:
+    the callout's outcome transaction removed the unacked copy from Redis already
+    (:func:`onelane.delivery.inflight.queue_acknowledge`). Celery sends the ack itself later, from
+    the worker's event loop, which is why this is a note and not a block around the ack."""
+    if len(_ACKED_WITH_OUTCOME) >= _ACKED_WITH_OUTCOME_MAX:
+        _ACKED_WITH_OUTCOME.clear()
+    _ACKED_WITH_OUTCOME.add(delivery_tag)
+
+
 class QoS(kombu_redis.QoS):
+    def ack(self, delivery_tag):
+        """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove."""
+        try:
+            _ACKED_WITH_OUTCOME.remove(delivery_tag)
+        except KeyError:
+            return super().ack(delivery_tag)
+        if self.channel.global_keyprefix:  # kombu's keys are not the ones the outcome removed from
+            return super().ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
     def append(self, message, delivery_tag):
         """Record ``message`` as unacked, unless the fetch already did (in its script)."""
         if getattr(self.channel.connection, "onelane_claimed", None) == delivery_tag:
@@ -79,8 +106,11 @@ class LossProofFetch:
         if queues[0] != os.environ.get(WORKER_QUEUE_ENV):  # e.g. Celery's own reply queues
             return None
         if self._plan is None or self._plan.queue != queues[0]:
-            keys = Keys(get_settings().key_prefix)
-            self._plan = QueueFetch(keys, queues[0], keys.fetch_list(queues[0], token))
+            s = get_settings()
+            keys = Keys(s.key_prefix)
+            # the bulk queue has many consumers: a take records which worker received the message
+            self._plan = QueueFetch(keys, queues[0], keys.fetch_list(queues[0], token),
+                                    receiver=token if queues[0] == s.bulk_queue else "")
         return self._plan
 
     def _brpop_start(self, timeout=None):
@@ -153,10 +183,11 @@ class LossProofFetch:
             replicas.ensure(self._client(), Keys(get_settings().key_prefix).replication_probe,
                             what=f"the take of message {tag}", log=log)
         self.connection.onelane_claimed = tag
+        self.connection.onelane_receipt = tag if plan.receiver else None
         try:
             self.connection._deliver(payload, plan.queue)
         finally:
-            self.connection.onelane_claimed = None
+            self.connection.onelane_claimed = self.connection.onelane_receipt = None
         return True
 
     def _check_master(self) -> None:
@@ -226,6 +257,14 @@ class LossProofFetch:
         pipe.lrem(fetch_list, 1, item)
         pipe.execute()
         log.error("onelane: dead-lettered an unreadable message from %r as %s; it never ran", queue, entry_id)
+
+
+def receipt_recorded(message) -> bool:
+    """True while onelane's fetch delivers ``message`` (a kombu message) and its take recorded the
+    receiving worker already (the bulk queue): nothing more to write on receipt."""
+    transport = getattr(getattr(message, "channel", None), "connection", None)
+    tag = getattr(message, "delivery_tag", None)
+    return tag is not None and getattr(transport, "onelane_receipt", None) == tag
 
 
 class Channel(LossProofFetch, kombu_redis.Channel):

@@ -76,7 +76,9 @@ def _limits(client, keys: Keys, limits) -> list[dict]:
             "adaptive": limit.adaptive, "held": Semaphore(client, keys, resource, limit).held(),
             "effective_cap": int(Adaptive(client, keys, resource, limit.concurrency).cap()) if limit.adaptive
             else limit.concurrency,
-            "waits": count, "average_wait_ms": round(waits.get("total_ms", 0) / count, 1) if count else 0.0,
+            # total_us from this onelane on, total_ms from earlier ones
+            "waits": count, "average_wait_ms": round((waits.get("total_ms", 0) + waits.get("total_us", 0) / 1000)
+                                                     / count, 1) if count else 0.0,
         })
     return out
 

@@ -10,6 +10,12 @@
 -- ARGV[6] since, ms ("" = now on the Redis clock)
 -- ARGV[7] lease name (member of the index)
 -- ARGV[8] steal token: "" or a token that may be replaced (a provably dead holder)
+-- Optionally, the in-flight record of the attempt the grant is for, written granted or not (so
+-- the attempt needs no write of its own): KEYS[5] the record (hash), KEYS[6] its index (sorted
+-- set: member -> deadline ms), KEYS[7] the list whose length + 1 is the attempt number;
+-- ARGV[9] the member, ARGV[10] ms from now to the attempt's deadline, ARGV[11 ..] the record's
+-- other fields (field, value pairs). Sets lease, lease_token, fence (0 when not granted),
+-- started_ms, deadline_ms and attempt.
 -- Returns {1, fence, deadline_ms, now_ms} when granted (a re-grant to the same
 -- token keeps its fence), else {0, pttl_ms, token, host, pid, label, renewed_ms, since_ms, now_ms}.
 local t = redis.call('TIME')
@@ -18,6 +24,22 @@ local ttl = tonumber(ARGV[2])
 local deadline = now + ttl
 local current = redis.call('GET', KEYS[1])
 local fence
+
+local function stamp(granted_fence)
+    if not KEYS[7] then
+        return
+    end
+    local due = now + tonumber(ARGV[10])
+    local fields = {}
+    for i = 11, #ARGV do
+        fields[#fields + 1] = ARGV[i]
+    end
+    -- every field of the record is written: nothing of an earlier attempt's record survives
+    redis.call('HSET', KEYS[5], 'lease', ARGV[7], 'lease_token', ARGV[1], 'fence', granted_fence,
+               'started_ms', now, 'deadline_ms', due, 'attempt', redis.call('LLEN', KEYS[7]) + 1, unpack(fields))
+    redis.call('ZADD', KEYS[6], due, ARGV[9])
+end
+
 if current == ARGV[1] then
     fence = tonumber(redis.call('GET', KEYS[3]) or '0')
 elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
@@ -29,6 +51,7 @@ elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
         fence = redis.call('INCR', KEYS[3])
     end
 else
+    stamp(0)
     local h = redis.call('HMGET', KEYS[2], 'host', 'pid', 'label', 'renewed', 'since')
     return {0, redis.call('PTTL', KEYS[1]), current, h[1] or '', h[2] or '', h[3] or '',
             tonumber(h[4] or '0'), tonumber(h[5] or '0'), now}
@@ -44,4 +67,5 @@ redis.call('HSET', KEYS[2], 'token', ARGV[1], 'host', ARGV[3], 'pid', ARGV[4], '
            'since', since, 'renewed', now, 'deadline', deadline, 'fence', fence)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[4], deadline, ARGV[7])
+stamp(fence)
 return {1, fence, deadline, now}

@@ -12,12 +12,15 @@
 -- KEYS[7] parked: key -> JSON [message]    KEYS[8] newest: carrier id -> the newest body (base64)
 -- KEYS[9] key of: id -> coalesce key       KEYS[10] counts (hash)
 -- KEYS[11] the worker's fetch list (unreadable messages)
+-- KEYS[12] the queue's receiver records (hash: delivery tag -> worker token; the bulk queue's)
 -- ARGV[1] 'take' or 'absorb'   ARGV[2] now (s, the worker's clock, as kombu)   ARGV[3] now (ms)
 -- ARGV[4] how many messages a drain reads at most   ARGV[5] '1': drain kombu's list before taking
 -- ARGV[6] the name of a carried list without its task id: <ARGV[6]><id> is the list of JSON
 -- {id, batch} that callout carries (one list per carrier, appended to: a record changed 10 000
 -- times costs 10 000 appends, not a growing document rewritten each time; standalone Redis)
--- absorb: ARGV[7] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
+-- ARGV[7] the worker's token, written as the receiver of the message taken, in the same step as
+-- its unacked record ('' = none: a lane has one consumer, its guard says who)
+-- absorb: ARGV[8] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
 -- '1' if it must neither carry nor be carried: delivered again, or with an expiry or an ETA):
 -- kombu's n oldest messages, oldest first, exactly as read.
 -- Returns {'msg', message} taken and unacked; {'drain', messages newest first} read kombu's list
@@ -28,6 +31,7 @@ local WAITING, STARTED, PARKED, NEWEST = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local KEY_OF, COUNTS, FETCH = KEYS[9], KEYS[10], KEYS[11]
 local now, now_ms, batch, drain_first = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1'
 local CARRIED_PREFIX = ARGV[6]
+local RECEIVERS, RECEIVER = KEYS[12], ARGV[7]
 
 local BODY = '^{"body"%s*:%s*"[^"]*"'
 
@@ -140,6 +144,9 @@ local function take()
             redis.call('ZADD', UNACKED_INDEX, now, tag)
             redis.call('HSET', UNACKED, tag,
                 '[' .. message .. ', ' .. cjson.encode(exchange) .. ', ' .. cjson.encode(routing_key) .. ']')
+            if RECEIVER ~= '' then
+                redis.call('HSET', RECEIVERS, tag, RECEIVER)
+            end
             return {'msg', message}
         end
     end
@@ -153,19 +160,19 @@ local function next_step()
 end
 
 if ARGV[1] == 'absorb' then
-    local n = tonumber(ARGV[7])
+    local n = tonumber(ARGV[8])
     local oldest = redis.call('LRANGE', QUEUE, -n, -1)  -- newest first
     if #oldest ~= n then
         return next_step()
     end
     for i = 1, n do
-        if oldest[n - i + 1] ~= ARGV[7 + (i - 1) * 5 + 1] then
+        if oldest[n - i + 1] ~= ARGV[8 + (i - 1) * 5 + 1] then
             return next_step()  -- another worker took some of them meanwhile: read again
         end
     end
     redis.call('LTRIM', QUEUE, 0, -n - 1)
     for i = 1, n do
-        local at = 7 + (i - 1) * 5
+        local at = 8 + (i - 1) * 5
         admit(ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5] == '1')
     end
 end
