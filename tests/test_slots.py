@@ -151,6 +151,23 @@ def test_the_adaptive_cap_is_read_at_every_grant(redis_client):
     assert got[1].cap == 2
 
 
+def test_a_try_that_finds_no_slot_records_the_task_as_waiting_due_at_once(redis_client):
+    # Given a cap of 1, held
+    sem = semaphore(redis_client, 1)
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), SlotGrant)
+    record, index = KEYS.inflight("t2"), KEYS.inflight_index("bulk")
+    redis_client.rpush(KEYS.attempts("t2"), "{}")
+    # When a task tries for a slot with its whole record
+    stamp = Stamp(record, index, "t2", due_in_ms=5_000, fields=("task_id", "t2", "owner", "w9"),
+                  attempts_key=KEYS.attempts("t2"))
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS, stamp=stamp), int)
+    # Then its record says it waits for a slot (no lease, deadline 0: a dead worker's waiting task is
+    # requeued at once), its attempt counted from the ledger
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(record).items()}
+    assert (h["lease"], h["lease_token"], h["deadline_ms"], h["attempt"], h["owner"]) == ("", "", "0", "2", "w9")
+    assert redis_client.zscore(index, "t2") == 0
+
+
 def test_a_grant_stamps_the_in_flight_record_with_its_slot(redis_client):
     # Given an in-flight record written before the wait for a slot
     record, index = KEYS.inflight("t1"), KEYS.inflight_index("bulk")

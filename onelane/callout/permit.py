@@ -24,9 +24,9 @@ from typing import Protocol
 
 from onelane.callout.classify import Reply, overloaded, retry_after_s
 from onelane.coordination.adaptive import Adaptive
-from onelane.coordination.lease import Grant, Lease, Stamp
+from onelane.coordination.lease import Grant, Lease
 from onelane.coordination.rate import RateLimiter
-from onelane.coordination.slots import Semaphore
+from onelane.coordination.slots import Semaphore, SlotGrant
 from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.limits import Limit
@@ -135,19 +135,23 @@ class SlotPermit:
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
-        return 0  # a slot, the rate and the adaptive cap are asked for when the attempt is sure
+        if self.rate is not None:
+            return 0  # the rate is asked for while the slot is held: only once the attempt is sure
+        # Usually a slot is free: the grant and the in-flight record travel with the preflight's
+        # reads, as for a serial lease (given back if the preflight finds the attempt must not start)
+        self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=self.inflight.stamp(record, due_in_ms=timeout_ms))
+        return 1
 
     def speculated(self, replies, *, token):
-        return None
+        got = self.slots.grant_of(replies[0], token)
+        return got if isinstance(got, SlotGrant) else None
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
-        # One round trip when a slot is free: the in-flight record goes ahead of the first try (so a
-        # dead worker's waiting task comes back at once), and the grant stamps it with its slot,
-        # fence and deadline in the same script.
-        stamp = Stamp(self.keys.inflight(record.task_id), self.keys.inflight_index(record.queue), record.task_id,
-                      due_in_ms=timeout_ms)
-        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
-                                              before=lambda pipe: self.inflight.record(record, pipe=pipe))
+        # The in-flight record is written by the first try for a slot, granted or not (a waiting task
+        # of a dead worker comes back at once), and stamped with the slot, fence and deadline by the
+        # try that wins: one round trip when a slot is free.
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms,
+                                              stamp=self.inflight.stamp(record, due_in_ms=timeout_ms))
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()
@@ -159,9 +163,8 @@ class SlotPermit:
         return grant, waited_ms
 
     def queue_counts(self, pipe, *, waited_ms, lane):
-        # the wait for the slot, counted on the transaction that records the attempt's outcome
-        pipe.hincrby(self.keys.waits(self.resource), "count", 1)
-        pipe.hincrby(self.keys.waits(self.resource), "total_us", round(waited_ms * 1000))
+        # the wait for the slot, counted on the transaction that records the attempt's outcome (its
+        # count and sum are status's waits and average wait too)
         counters.observe(pipe, self.keys, "slot_wait_seconds", waited_ms / 1000, lane, self.resource)
 
     def feedback(self, reply, *, retry_after_max_s):

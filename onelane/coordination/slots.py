@@ -15,7 +15,7 @@ read every key), so a stale hint costs a slower grant, never a slot held twice.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import NoScriptError
 
@@ -57,61 +57,68 @@ class Semaphore:
                       keys.slots_held(resource), *[keys.lease(n) for n in self.names]]
         self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, keys.slot(resource, "")]
 
-    def try_acquire(self, token: str, *, ttl_ms: int, stamp: "Stamp | None" = None,
-                    before=None) -> SlotGrant | int:
+    def try_acquire(self, token: str, *, ttl_ms: int, stamp: Stamp | None = None) -> SlotGrant | int:
         """A :class:`SlotGrant`, or the ms until the soonest slot expires.
 
-        ``stamp``: an in-flight record the grant writes itself into (its slot, token, fence, start
-        and deadline; the record's other fields are written ahead, by ``before``), in the same script, so an attempt holding the slot is on record before it
-        starts without another round trip. ``before(pipe)`` queues writes that go ahead of the try
-        on the same round trip. With replicas required, a slot they did not confirm in time is
-        freed and :class:`NotReplicated` raised: it never counts as had.
+        ``stamp``: the in-flight record of the attempt the slot is for, written by the same script
+        (granted: with its slot, token, fence, start and deadline; not granted and with its fields:
+        as a task waiting for a slot, due at once). With replicas required, a slot they did not
+        confirm in time is freed and :class:`NotReplicated` raised: it never counts as had.
         """
-        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args]
-        if stamp is not None:
-            keys = [*keys, stamp.record_key, stamp.index_key]
-            args += [stamp.member, int(stamp.due_in_ms)]
+        keys, args = self._call(token, ttl_ms, stamp)
         confirmed = None
-        if self.replicas.needed <= 0 and before is None:
+        if self.replicas.needed <= 0:
             res = _ACQUIRE(self.client, keys=keys, args=args)
         else:
             pipe = self.client.pipeline(transaction=False)
-            if before is not None:
-                before(pipe)
-            ahead = len(pipe)
             _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
             self.replicas.queue_wait(pipe)
             try:
-                res, *confirmed = pipe.execute()[ahead:]
+                res, *confirmed = pipe.execute()
             except NoScriptError:
                 forget(self.client)
-                return self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp, before=before)
-            if self.replicas.needed <= 0:
-                confirmed = None
+                return self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp)
+        got = self.grant_of(res, token)
+        if isinstance(got, SlotGrant) and confirmed is not None and not self.replicas.confirmed(confirmed):
+            self.release(got)
+            self.replicas.resync(self.client)
+            raise NotReplicated(f"slot {got.slot} of {self.resource!r}", self.replicas.confirmations(confirmed),
+                                self.replicas.needed)
+        return got
+
+    def queue_try(self, pipe, token: str, *, ttl_ms: int, stamp: Stamp | None = None) -> None:
+        """Queue one :meth:`try_acquire` on ``pipe`` (read its reply with :meth:`grant_of`)."""
+        keys, args = self._call(token, ttl_ms, stamp)
+        _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+
+    def grant_of(self, res, token: str) -> SlotGrant | int:
+        """The :class:`SlotGrant` a try answered, or the ms until the soonest slot expires."""
         if not isinstance(res, list) or len(res) < 2:
             raise UnexpectedReply(f"script semaphore_acquire answered {res!r}")
-        if int(res[0]) == 1:
-            slot = int(res[1])
-            grant = SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]),
-                              slot=slot, cap=int(res[5]))
-            if confirmed is not None and not self.replicas.confirmed(confirmed):
-                self.release(grant)
-                self.replicas.resync(self.client)
-                raise NotReplicated(f"slot {slot} of {self.resource!r}", self.replicas.confirmations(confirmed),
-                                    self.replicas.needed)
-            return grant
-        return int(res[1])
+        if int(res[0]) != 1:
+            return int(res[1])
+        slot = int(res[1])
+        return SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]), slot=slot,
+                         cap=int(res[5]))
 
-    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: "Stamp | None" = None,
-                before=None) -> tuple[SlotGrant, float]:
+    def _call(self, token: str, ttl_ms: int, stamp: Stamp | None) -> tuple[list, list]:
+        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args]
+        if stamp is not None:
+            keys = [*keys, stamp.record_key, stamp.index_key, *([stamp.attempts_key] if stamp.attempts_key else [])]
+            args += [stamp.member, int(stamp.due_in_ms), *stamp.fields]
+        return keys, args
+
+    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: Stamp | None = None) -> tuple[SlotGrant, float]:
         """Take a slot, blocking on the release signal; return (grant, ms waited). LeaseBusy on timeout.
 
-        ``stamp`` and ``before`` as for :meth:`try_acquire` (``before`` rides on the first try only)."""
+        ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
+        record exists from then on, and each later try only stamps a grant into it)."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
         while True:
-            got = self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp, before=before)
-            before = None
+            got = self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp)
+            if stamp is not None and stamp.fields:
+                stamp = replace(stamp, fields=())
             if isinstance(got, SlotGrant):
                 return got, (time.monotonic() - started) * 1000
             left_ms = (give_up - time.monotonic()) * 1000

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from onelane.coordination.circuit import all_circuits
 from onelane.coordination.lease import Lease
+from onelane.core import counters
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
@@ -63,22 +64,36 @@ class Snapshot:
         return d
 
 
+def _slot_waits(client, keys: Keys) -> dict[str, tuple[int, float]]:
+    """resource -> (slots granted, seconds waited in all), every lane together (the slot-wait histogram)."""
+    out: dict[str, tuple[int, float]] = {}
+    for series_key, series in counters.parse_histograms(client.hgetall(keys.metric_histograms)).items():
+        metric, _lane, resource = series_key
+        if metric == "slot_wait_seconds":
+            count, total = out.get(resource, (0, 0.0))
+            out[resource] = (count + series["buckets"][-1], total + series["sum"])
+    return out
+
+
 def _limits(client, keys: Keys, limits) -> list[dict]:
     from onelane.coordination.adaptive import Adaptive
     from onelane.coordination.slots import Semaphore
 
     out = []
+    waited = _slot_waits(client, keys)
     for resource, limit in limits:
+        # an earlier onelane counted waits in a hash of their own; they add in
         waits = {k: float(v) for k, v in text_map(client.hgetall(keys.waits(resource))).items()}
-        count = int(waits.get("count", 0))
+        count, total_s = waited.get(resource, (0, 0.0))
+        count += int(waits.get("count", 0))
+        total_ms = total_s * 1000 + waits.get("total_ms", 0)
         out.append({
             "resource": resource, "concurrency": limit.concurrency, "rate_per_s": limit.rate_per_s,
             "adaptive": limit.adaptive, "held": Semaphore(client, keys, resource, limit).held(),
             "effective_cap": int(Adaptive(client, keys, resource, limit.concurrency).cap()) if limit.adaptive
             else limit.concurrency,
             # total_us from this onelane on, total_ms from earlier ones
-            "waits": count, "average_wait_ms": round((waits.get("total_ms", 0) + waits.get("total_us", 0) / 1000)
-                                                     / count, 1) if count else 0.0,
+            "waits": count, "average_wait_ms": round(total_ms / count, 1) if count else 0.0,
         })
     return out
 

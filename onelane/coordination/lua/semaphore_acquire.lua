@@ -8,10 +8,14 @@
 -- KEYS[5 .. 4+N] the slot lease keys
 -- ARGV[1] token, ARGV[2] ttl ms, ARGV[3] N, ARGV[4] 1 if the cap is adaptive
 -- ARGV[5] the slot lease names without their number: slot i is <ARGV[5]><i> (its index member)
--- Optionally, an in-flight record the grant stamps (so the attempt is on record with its slot
+-- Optionally, the in-flight record of the attempt the slot is for (so the attempt is on record
 -- before it starts, with no other write): KEYS[5+N] the record (hash), KEYS[6+N] its queue's
--- in-flight index (task id -> deadline ms); ARGV[6] task id, ARGV[7] ms from the grant to the
--- attempt's deadline. Sets lease, lease_token, fence, started_ms, deadline_ms.
+-- in-flight index (task id -> deadline ms), KEYS[7+N] (optional) the list whose length + 1 is the
+-- attempt number; ARGV[6] task id, ARGV[7] ms from the grant to the attempt's deadline,
+-- ARGV[8 ..] the record's other fields (field, value pairs). Granted: lease, lease_token, fence,
+-- started_ms and deadline_ms are the grant's. Not granted, with fields: the record of a task
+-- waiting for a slot, due at once (deadline 0: the reaper requeues it as soon as its worker is
+-- gone). Not granted, without fields: nothing written.
 -- Returns {1, slot (1-based), fence, deadline_ms, now_ms, cap} when granted,
 -- else {0, ms until the soonest slot expires, held, cap}.
 local t = redis.call('TIME')
@@ -75,11 +79,41 @@ local function take(taken, count, soonest)
     return nil, {0, soonest or 50, count, cap}
 end
 
+local function stamp(granted, name, fence)
+    if #KEYS < 6 + n then
+        return
+    end
+    local due = 0
+    local call = {'HSET', KEYS[5 + n]}
+    local function put(field, value)
+        call[#call + 1] = field
+        call[#call + 1] = value
+    end
+    if granted then
+        due = now + tonumber(ARGV[7])
+        put('lease', name); put('lease_token', ARGV[1]); put('fence', fence)
+        put('started_ms', now); put('deadline_ms', due)
+    elseif #ARGV >= 8 then
+        put('lease', ''); put('lease_token', ''); put('fence', 0); put('started_ms', 0); put('deadline_ms', 0)
+    else
+        return
+    end
+    if KEYS[7 + n] then
+        put('attempt', redis.call('LLEN', KEYS[7 + n]) + 1)
+    end
+    for i = 8, #ARGV do
+        call[#call + 1] = ARGV[i]
+    end
+    redis.call(unpack(call))
+    redis.call('ZADD', KEYS[6 + n], due, ARGV[6])
+end
+
 local free, busy = take(read_hint())
 if not free and not busy then
     free, busy = take(scan())
 end
 if not free then
+    stamp(false)
     return busy or {0, 50, n, cap}
 end
 local fence = redis.call('INCR', KEYS[1])
@@ -92,10 +126,5 @@ end
 local name = ARGV[5] .. free
 redis.call('ZADD', KEYS[2], now + ttl, name)
 redis.call('ZADD', HELD, now + ttl, free)
-if #KEYS >= 6 + n then
-    local due = now + tonumber(ARGV[7])
-    redis.call('HSET', KEYS[5 + n], 'lease', name, 'lease_token', ARGV[1], 'fence', fence,
-               'started_ms', now, 'deadline_ms', due)
-    redis.call('ZADD', KEYS[6 + n], due, ARGV[6])
-end
+stamp(true, name, fence)
 return {1, free, fence, now + ttl, now, cap}
