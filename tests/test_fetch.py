@@ -312,3 +312,19 @@ def test_the_reaper_frees_a_key_held_by_a_callout_held_nowhere(redis_client, cel
     redis_client.hdel(KOMBU_UNACKED, tag)  # purged by hand
     assert reap_everything(redis_client, KEYS, s).freed_keys == ["r"]
     assert redis_client.hlen(KEYS.coalesce_started(QUEUE)) == 0
+
+
+@pytest.mark.redis
+def test_the_heartbeat_looks_before_it_moves_retries_and_prioritised_messages(redis_client, celery_app):
+    # Given an idle queue: nothing to move, as the worker's heartbeat finds it four times a second
+    assert flow.pending_moves(redis_client, KEYS, QUEUE) == flow.PendingMoves(due=False, prioritised=False)
+    # When a relaxed retry is due later, it is not due yet; once due (on the Redis clock), it is
+    now_ms = redis_client.time()[0] * 1000
+    redis_client.zadd(KEYS.delayed(QUEUE), {"later": now_ms + 60_000})
+    assert not flow.pending_moves(redis_client, KEYS, QUEUE).due
+    redis_client.zadd(KEYS.delayed(QUEUE), {"now": now_ms - 1})
+    assert flow.pending_moves(redis_client, KEYS, QUEUE).due
+    # And a message a plain producer sent with a priority (in kombu's sub-list for its level) is seen
+    assert not flow.pending_moves(redis_client, KEYS, QUEUE).prioritised
+    redis_client.lpush(KEYS.priority_list(QUEUE, 5), b"{}")
+    assert flow.pending_moves(redis_client, KEYS, QUEUE).prioritised

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import dataclass
 
+from onelane.core.clock import time_ms
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, PRIORITY_LEVELS, Keys
 from onelane.core.scripts import LuaScript
 from onelane.core.text import text
@@ -68,6 +70,26 @@ def defer(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, du
         if res != -2:
             return res == 1
     return False
+
+
+@dataclass(frozen=True)
+class PendingMoves:
+    """Whether the queue has due relaxed retries, and messages in kombu's priority sub-lists."""
+
+    due: bool
+    prioritised: bool
+
+
+def pending_moves(client, keys: Keys, queue: str) -> PendingMoves:
+    """One round trip of two plain reads: is there anything for :func:`promote_due` or
+    :func:`absorb_priorities` to move? (The earliest due time is compared on the Redis clock.)"""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(keys.delayed(queue), 0, 0, withscores=True)
+    pipe.exists(*[keys.priority_list(queue, level) for level in PRIORITY_LEVELS])
+    pipe.time()
+    first_due, prioritised, now = pipe.execute()
+    due = bool(first_due) and first_due[0][1] <= time_ms(now)
+    return PendingMoves(due=due, prioritised=bool(prioritised))
 
 
 def promote_due(client, keys: Keys, queue: str, *, limit: int = 100, pipe=None) -> int | None:

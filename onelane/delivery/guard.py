@@ -57,7 +57,7 @@ from onelane.core.keys import Keys
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
 from onelane.delivery.epoch import EpochWatch
-from onelane.delivery.flow import absorb_priorities, promote_due
+from onelane.delivery.flow import absorb_priorities, pending_moves, promote_due
 from onelane.delivery.recovery import wait_and_requeue_orphans
 from onelane.delivery.registry import register_queue
 from onelane.delivery.transport import receipt_recorded
@@ -346,10 +346,17 @@ class GuardService:
                     log.warning("onelane: cannot renew the guard of %r: %s; retrying", self.queue, reason)
 
     def _move_waiting_to_queue(self) -> None:
-        """Due relaxed retries and prioritised messages to the queue: two scripts, one round trip."""
+        """Due relaxed retries and prioritised messages to the queue. Usually there are none: one look
+        (three plain commands, one round trip) says so, and the scripts that move them run only when
+        there is something to move (a second round trip) — a lane idles at 3 commands a tick, not 13."""
+        waiting = pending_moves(self.client, self.keys, self.queue)
+        if not (waiting.due or waiting.prioritised):
+            return
         pipe = self.client.pipeline(transaction=False)
-        promote_due(self.client, self.keys, self.queue, pipe=pipe)
-        absorb_priorities(self.client, self.keys, self.queue, pipe=pipe)
+        if waiting.due:
+            promote_due(self.client, self.keys, self.queue, pipe=pipe)
+        if waiting.prioritised:
+            absorb_priorities(self.client, self.keys, self.queue, pipe=pipe)
         try:
             pipe.execute()
         except redis.exceptions.NoScriptError:
