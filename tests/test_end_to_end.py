@@ -75,3 +75,20 @@ def test_a_callout_is_acknowledged_with_its_outcome_and_the_workers_ack_adds_no_
     assert stats["cmdstat_exec"]["calls"] == 20, stats["cmdstat_exec"]
     assert stats["cmdstat_hdel"]["calls"] == 20, stats["cmdstat_hdel"]
     assert len(api.snapshot()) == 21 and api.overlaps == 0
+
+
+def test_a_failed_delivery_of_an_id_that_succeeded_before_is_acknowledged_the_usual_way(
+        base_env, redis_client, api, start, celery_app):
+    # Given a worker on which task id "again" succeeded (Celery remembers such ids for hours)
+    start(procs.worker(base_env))
+    first = celery_app.send_task("tasks.callout", task_id="again", kwargs={"url": f"{api.url}/a"}, queue="serial")
+    assert first.get(timeout=60)["status_code"] == 200
+    wait_for(lambda: redis_client.hlen("unacked") == 0, 5, what="the first delivery acknowledged")
+    # When, its outcome forgotten, the same id comes again with bad input (rejected: no outcome transaction)
+    redis_client.delete("onelane:done:again")
+    celery_app.send_task("tasks.callout", task_id="again", kwargs={"url": "ftp://nowhere"}, queue="serial")
+    wait_for(lambda: redis_client.hexists("onelane:dlq:serial", "again"), 30, what="the rejection dead-lettered")
+    # Then its ack still removes kombu's unacked copy: nothing is left to come back later
+    wait_for(lambda: redis_client.hlen("unacked") == 0 and not redis_client.zcard("unacked_index"), 5,
+             what="the rejected delivery acknowledged")
+    assert len(api.snapshot()) == 1

@@ -151,6 +151,35 @@ def test_the_adaptive_cap_is_read_at_every_grant(redis_client):
     assert got[1].cap == 2
 
 
+def test_a_lowered_adaptive_cap_holds_even_when_the_hint_misses_a_held_slot(redis_client):
+    # Given 4 slots, 3 held, and the hint missing slot 3 (an older onelane took it, or a renewal
+    # was cut off), then slots 1 and 2 released and the adaptive cap lowered to 2
+    sem = semaphore(redis_client, 4, adaptive=True)
+    held = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(3)]
+    redis_client.zadd(KEYS.slots_held("acme"), {"3": 1})
+    sem.release(held[0])
+    sem.release(held[1])
+    redis_client.hset(KEYS.adaptive("acme"), "cap", "2")
+    # When two more are asked for
+    got = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(2)]
+    # Then only one is granted: slot 3 counts, found from its key
+    assert [isinstance(g, SlotGrant) for g in got] == [True, False]
+    assert sem.held() == 2
+
+
+def test_a_dead_holders_slot_released_by_name_is_free_in_the_hint_too(redis_client):
+    # Given a cap of 1 held by a worker that died (ONELANE_RELEASE_DEAD_HOLDER=1 frees it at once)
+    sem = semaphore(redis_client, 1)
+    dead = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    # When it is released knowing only its lease name and token (the in-flight record)
+    assert sem.release_named(dead.name, dead.token)
+    # Then the next grant gets it at once: neither the key nor the hint holds it
+    assert hint(redis_client) == {}
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), SlotGrant)
+    with pytest.raises(ValueError):
+        sem.release_named("resource:other#1", dead.token)
+
+
 def test_a_try_that_finds_no_slot_records_the_task_as_waiting_due_at_once(redis_client):
     # Given a cap of 1, held
     sem = semaphore(redis_client, 1)

@@ -139,7 +139,8 @@ class SlotPermit:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
         # Usually a slot is free: the grant and the in-flight record travel with the preflight's
         # reads, as for a serial lease (given back if the preflight finds the attempt must not start)
-        self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=self.inflight.stamp(record, due_in_ms=timeout_ms))
+        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp)
         return 1
 
     def speculated(self, replies, *, token):
@@ -151,7 +152,8 @@ class SlotPermit:
         # of a dead worker comes back at once), and stamped with the slot, fence and deadline by the
         # try that wins: one round trip when a slot is free.
         grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms,
-                                              stamp=self.inflight.stamp(record, due_in_ms=timeout_ms))
+                                              stamp=self.inflight.stamp(
+                                                  record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS))
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()
@@ -159,7 +161,8 @@ class SlotPermit:
                 waited_ms += rate_wait_ms
                 deadline = self.slots.renew(grant, ttl_ms=ttl_ms)
                 grant = replace(grant, now_ms=deadline - ttl_ms, deadline_ms=deadline)
-                self.inflight.record(record.granted(grant, deadline_ms=grant.now_ms + timeout_ms))
+                self.inflight.record(record.granted(
+                    grant, deadline_ms=grant.now_ms + timeout_ms + _EARLY_DEADLINE_SLACK_MS))
         return grant, waited_ms
 
     def queue_counts(self, pipe, *, waited_ms, lane):

@@ -220,11 +220,16 @@ class Lease:
             block_ms = max(10, min(pttl + 5, left_ms, _MAX_BLOCK_MS))
             self.client.blpop([self.keys.lease_signal(self.name)], timeout=block_ms / 1000)
 
-    def renew(self, token: str, *, ttl_ms: int) -> int:
-        """Extend the lease held by ``token``; return the new deadline (ms). Raises LeaseNotHeld."""
+    def renew(self, token: str, *, ttl_ms: int, slot: tuple[str, int] | None = None) -> int:
+        """Extend the lease held by ``token``; return the new deadline (ms). Raises LeaseNotHeld.
+
+        ``slot``: (held set, slot number) of a semaphore's slot lease, whose hint moves in the same script."""
         k = self.keys
-        res = _RENEW(self.client, keys=[k.lease(self.name), k.lease_holder(self.name), k.lease_index],
-                     args=[token, int(ttl_ms), self.name])
+        keys, args = [k.lease(self.name), k.lease_holder(self.name), k.lease_index], [token, int(ttl_ms), self.name]
+        if slot is not None:
+            keys.append(slot[0])
+            args.append(slot[1])
+        res = _RENEW(self.client, keys=keys, args=args)
         _expect(res, "lease_renew", length=2)
         if int(res[0]) != 1:
             other = text(res[1])

@@ -55,7 +55,8 @@ class Semaphore:
         # the script's keys and the arguments that never change, built once
         self._keys = [keys.lease_fence(self.fence_name), keys.lease_index, keys.adaptive(resource),
                       keys.slots_held(resource), *[keys.lease(n) for n in self.names]]
-        self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, keys.slot(resource, "")]
+        self._name_prefix = keys.slot(resource, "")
+        self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, self._name_prefix]
 
     def try_acquire(self, token: str, *, ttl_ms: int, stamp: Stamp | None = None) -> SlotGrant | int:
         """A :class:`SlotGrant`, or the ms until the soonest slot expires.
@@ -148,7 +149,14 @@ class Semaphore:
         """Extend the slot ``grant`` holds to ``ttl_ms`` from now; return its new deadline (ms).
 
         Raises LeaseNotHeld (from the slot's lease) when the grant no longer holds the slot."""
-        deadline = Lease(self.client, grant.name, keys=self.keys).renew(grant.token, ttl_ms=ttl_ms)
-        # the hint follows the key; XX: a slot released meanwhile is not marked taken again
-        self.client.zadd(self.keys.slots_held(self.resource), {str(grant.slot): deadline}, xx=True)
-        return deadline
+        # the hint follows the key in the same script (a renewal cut off between them cannot leave it stale)
+        return Lease(self.client, grant.name, keys=self.keys).renew(
+            grant.token, ttl_ms=ttl_ms, slot=(self.keys.slots_held(self.resource), grant.slot))
+
+    def release_named(self, name: str, token: str) -> bool:
+        """Free the slot lease ``name`` (a lease name of this semaphore) if ``token`` holds it: a
+        release by someone who knows only the in-flight record (a dead holder's, on request)."""
+        number = name[len(self._name_prefix):]
+        if not name.startswith(self._name_prefix) or not number.isdigit():
+            raise ValueError(f"{name!r} is not a slot of {self.resource!r}")
+        return int(self.release(SlotGrant(name, token, 0, 0, 0, slot=int(number)))) == 1

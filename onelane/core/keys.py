@@ -99,10 +99,6 @@ class Keys:
         which stay the truth: a slot is taken only with SET NX on its lease key."""
         return f"{self.prefix}:slots:{resource}:held"
 
-    def waits(self, resource: str) -> str:
-        """Hash: count and total microseconds (``total_us``) of waits for a slot, for status."""
-        return f"{self.prefix}:waits:{resource}"
-
     def batch(self, batch_id: str) -> str:
         """Hash: counters of a batch (total, published, done, failed, dead_lettered, started_ms)."""
         return f"{self.prefix}:batch:{batch_id}"

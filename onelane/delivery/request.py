@@ -18,6 +18,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from onelane.coordination.lease import Lease
+from onelane.coordination.slots import Semaphore
 from onelane.core.clients import client_for
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_kwargs
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 class HeadRequeueRequest(Request):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Celery remembers the ids of requests that succeeded (for hours): an id that did already
+        # is no sign that this delivery succeeded, so its ack goes the usual way (see acknowledge)
+        self._succeeded_before = self.id in getattr(worker_state, "successful_requests", ())
         # What the task-received event (and so Flower) shows: secrets masked, whatever the
         # producer put in kwargsrepr.
         try:
@@ -70,7 +74,8 @@ class HeadRequeueRequest(Request):
         """Celery's ack after the task; a callout that succeeded acknowledged its message with its
         outcome (one transaction), so kombu's ack only clears its bookkeeping in memory."""
         tag = getattr(self.message, "delivery_tag", None)
-        if not self.acknowledged and tag and self.id in getattr(worker_state, "successful_requests", ()):
+        if (not self.acknowledged and tag and not self._succeeded_before
+                and self.id in getattr(worker_state, "successful_requests", ())):
             # Celery marks the request successful just before this ack (task_ready); a failed or
             # rejected callout acks the usual way. Should Celery ever stop marking it, every ack
             # goes the usual way: a removal that finds nothing, never a message left behind.
@@ -88,7 +93,11 @@ class HeadRequeueRequest(Request):
             if s.release_dead_holder:
                 rec = Inflight(client, keys).get(self.id)
                 if rec is not None and rec.lease_token:
-                    Lease(client, rec.lease, keys=keys).release(rec.lease_token)
+                    limit = s.limit_for(rec.resource)
+                    if limit.capped:  # a slot: its release also frees it in the semaphore's hint
+                        Semaphore(client, keys, rec.resource, limit).release_named(rec.lease, rec.lease_token)
+                    else:
+                        Lease(client, rec.lease, keys=keys).release(rec.lease_token)
                     log.warning("onelane: released the lease of %s's dead attempt at once "
                                 "(ONELANE_RELEASE_DEAD_HOLDER=1)", self.id)
             res = requeue_at_head(client, keys, queue=queue, delivery_tag=self.message.delivery_tag,

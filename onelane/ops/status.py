@@ -82,17 +82,13 @@ def _limits(client, keys: Keys, limits) -> list[dict]:
     out = []
     waited = _slot_waits(client, keys)
     for resource, limit in limits:
-        # an earlier onelane counted waits in a hash of their own; they add in
-        waits = {k: float(v) for k, v in text_map(client.hgetall(keys.waits(resource))).items()}
         count, total_s = waited.get(resource, (0, 0.0))
-        count += int(waits.get("count", 0))
-        total_ms = total_s * 1000 + waits.get("total_ms", 0)
+        total_ms = total_s * 1000
         out.append({
             "resource": resource, "concurrency": limit.concurrency, "rate_per_s": limit.rate_per_s,
             "adaptive": limit.adaptive, "held": Semaphore(client, keys, resource, limit).held(),
             "effective_cap": int(Adaptive(client, keys, resource, limit.concurrency).cap()) if limit.adaptive
             else limit.concurrency,
-            # total_us from this onelane on, total_ms from earlier ones
             "waits": count, "average_wait_ms": round(total_ms / count, 1) if count else 0.0,
         })
     return out

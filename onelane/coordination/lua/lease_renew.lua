@@ -1,6 +1,7 @@
 -- Extend a lease, only if the caller still holds it (compare-and-set on the token).
 -- KEYS[1] lease key, KEYS[2] holder hash, KEYS[3] lease index
 -- ARGV[1] token of the caller, ARGV[2] new ttl in ms, ARGV[3] lease name
+-- KEYS[4], ARGV[4] (a slot only) its semaphore's held set and the slot's number: its deadline follows
 -- Returns {1, deadline_ms} when renewed, {0, current token or ''} when not held.
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then
@@ -13,4 +14,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('HSET', KEYS[2], 'renewed', now, 'deadline', now + ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('ZADD', KEYS[3], now + ttl, ARGV[3])
+if KEYS[4] then
+    redis.call('ZADD', KEYS[4], now + ttl, ARGV[4])
+end
 return {1, now + ttl}

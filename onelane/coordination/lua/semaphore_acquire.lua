@@ -4,7 +4,8 @@
 -- KEYS[3] adaptive cap hash (field 'cap', a float; absent = N)
 -- KEYS[4] held set (sorted set: slot number -> deadline ms): which slots are taken, read in one
 --         command instead of N PTTLs. A hint only: the slot's lease key is the truth, taken with
---         SET NX, so a stale hint can never hand one slot to two holders.
+--         SET NX, so a stale hint can never hand one slot to two holders; with an adaptive cap
+--         lowered below N the keys are counted instead (PTTL each), so it cannot exceed the cap.
 -- KEYS[5 .. 4+N] the slot lease keys
 -- ARGV[1] token, ARGV[2] ttl ms, ARGV[3] N, ARGV[4] 1 if the cap is adaptive
 -- ARGV[5] the slot lease names without their number: slot i is <ARGV[5]><i> (its index member)
@@ -108,9 +109,16 @@ local function stamp(granted, name, fence)
     redis.call('ZADD', KEYS[6 + n], due, ARGV[6])
 end
 
-local free, busy = take(read_hint())
-if not free and not busy then
+local free, busy
+if cap < n then
+    -- a cap lowered below N (adaptive) is checked against the keys themselves: SET NX alone keeps
+    -- at most N holders, and a hint missing a held slot must not let one more in under the cap
     free, busy = take(scan())
+else
+    free, busy = take(read_hint())
+    if not free and not busy then
+        free, busy = take(scan())
+    end
 end
 if not free then
     stamp(false)
