@@ -95,8 +95,7 @@ class LossProofFetch:
     _wait_next = False  # the last take found the queue empty: block until something arrives
     _fetch_ready: str | None = None  # fetch list registered (and emptied) by this channel
     _plan: QueueFetch | None = None
-    _claim_client = None
-    _shared_client = None
+    _kept_client = None
 
     def _plan_for(self, queues) -> QueueFetch | None:
         """The fetch steps when this is an onelane worker consuming its one queue; else None."""
@@ -214,20 +213,16 @@ class LossProofFetch:
         kept (kombu builds a new redis-py client, and its table of reply callbacks, for every
         one: a tenth of a worker's CPU per callout, measured with py-spy under make bench). A
         redis-py client is safe to share between threads: each command borrows a connection."""
-        if client:
-            yield client
-            return
-        pool = self.pool
-        kept = self._shared_client
-        if kept is None or kept.connection_pool is not pool:  # a reconnect made a new pool
-            kept = self._shared_client = self._create_client()
-        yield kept
+        yield client or self._client()
 
     # -- the fetch list --------------------------------------------------------------
     def _client(self):
-        if self._claim_client is None:
-            self._claim_client = self._create_client()
-        return self._claim_client
+        """The channel's one redis-py client on its connection pool: the fetch's scripts, kombu's
+        publishes, events and acks (a new one only when a reconnect made a new pool)."""
+        kept = self._kept_client
+        if kept is None or kept.connection_pool is not self.pool:
+            kept = self._kept_client = self._create_client()
+        return kept
 
     def _prepare(self, plan: QueueFetch) -> None:
         """Register this worker's fetch list and give back anything left in it."""
