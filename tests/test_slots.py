@@ -23,8 +23,14 @@ def semaphore(client, cap: int, resource: str = "acme", **limit) -> Semaphore:
     return Semaphore(client, KEYS, resource, Limit(concurrency=cap, **limit))
 
 
-def hint(client, resource: str = "acme") -> dict[int, float]:
+def slot_set(client, resource: str = "acme") -> dict[int, float]:
+    """Every slot number in the hint -> its deadline (a free slot i scores i: a time long past)."""
     return {int(m): s for m, s in client.zrange(KEYS.slots_held(resource), 0, -1, withscores=True)}
+
+
+def hint(client, resource: str = "acme") -> dict[int, float]:
+    """The slots the hint says are taken -> their deadlines."""
+    return {m: s for m, s in slot_set(client, resource).items() if s > 1_000_000}
 
 
 def commands(client) -> dict[str, int]:
@@ -69,7 +75,8 @@ def test_twenty_threads_never_hold_more_than_the_cap_or_one_slot_twice(redis_cli
     assert state["twice"] == 0
     assert state["max"] <= 5
     assert state["grants"] > 100, state
-    assert hint(redis_client) == {}, "every release took its slot out of the hint"
+    assert hint(redis_client) == {}, "every release marked its slot free in the hint"
+    assert sorted(slot_set(redis_client)) == [1, 2, 3, 4, 5], "the hint holds every slot, free or taken"
 
 
 def test_a_grant_reads_the_hint_not_every_slot(redis_client):
@@ -80,12 +87,45 @@ def test_a_grant_reads_the_hint_not_every_slot(redis_client):
     redis_client.config_resetstat()
     # When 10 more are taken
     more = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(10)]
-    # Then each grant read the hint once and looked at no slot's PTTL (the old grant read 25 each)
+    # Then each grant read one member of the hint and looked at no slot's PTTL (the old grant read 25)
     assert sorted(g.slot for g in grants + more) == list(range(1, 21))
     calls = commands(redis_client)
     assert calls.get("pttl", 0) == 0
-    assert calls["zrangebyscore"] == 10
+    assert calls["zrange"] == 10 and calls.get("zrangebyscore", 0) == 0
     assert sorted(hint(redis_client)) == list(range(1, 21))
+
+
+def test_a_full_semaphore_refuses_from_one_member_of_the_hint(redis_client):
+    # Given a cap of 25, all taken, the soonest slot expiring first
+    sem = semaphore(redis_client, 25)
+    soonest = sem.try_acquire(new_token(), ttl_ms=5_000)
+    rest = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(24)]
+    assert all(isinstance(g, SlotGrant) for g in [soonest, *rest])
+    redis_client.config_resetstat()
+    # When 10 more tries come
+    refusals = [sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(10)]
+    # Then each is told to wait about until the soonest slot's deadline, read from the hint's lowest
+    # member, with no slot's PTTL looked at
+    assert all(isinstance(r, int) and 4_000 < r <= 5_000 for r in refusals), refusals
+    calls = commands(redis_client)
+    assert calls.get("pttl", 0) == 0 and calls["zrange"] == 10
+
+
+def test_a_hint_for_another_cap_is_rebuilt_from_the_keys(redis_client):
+    # Given slots 1..3 held under a cap of 3, then the cap raised to 5 (the hint knows 3 slots)
+    small = semaphore(redis_client, 3)
+    held = [small.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(3)]
+    big = semaphore(redis_client, 5)
+    # When the larger semaphore grants twice, then is asked once more
+    more = [big.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(3)]
+    # Then it handed out slots 4 and 5 only, and its hint is whole: five slots, all taken
+    assert [g.slot for g in more[:2]] == [4, 5] and isinstance(more[2], int)
+    assert sorted(slot_set(redis_client)) == [1, 2, 3, 4, 5] == sorted(hint(redis_client))
+    # and when the cap goes back down to 2, the extra members go from the hint
+    for g in held + more[:2]:
+        big.release(g)
+    assert isinstance(semaphore(redis_client, 2).try_acquire(new_token(), ttl_ms=TTL_MS), SlotGrant)
+    assert sorted(slot_set(redis_client)) == [1, 2]
 
 
 def test_a_lost_hint_never_hands_a_held_slot_to_a_second_holder(redis_client):
@@ -210,3 +250,28 @@ def test_a_grant_stamps_the_in_flight_record_with_its_slot(redis_client):
     assert h["lease"] == got.name and h["lease_token"] == got.token and int(h["fence"]) == got.fence
     assert int(h["started_ms"]) == got.now_ms and int(h["deadline_ms"]) == got.now_ms + 5_000
     assert redis_client.zscore(index, "t1") == got.now_ms + 5_000
+
+
+def test_a_woken_waiter_has_the_slot_before_a_newcomer_can_ask(redis_client):
+    # Given a cap of 1, held, and a task waiting for it with its whole in-flight record
+    sem = semaphore(redis_client, 1)
+    held = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    stamp = Stamp(KEYS.inflight("t3"), KEYS.inflight_index("bulk"), "t3", due_in_ms=5_000,
+                  fields=("task_id", "t3", "owner", "w9"), attempts_key=KEYS.attempts("t3"))
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(got=sem.acquire(new_token(), ttl_ms=TTL_MS,
+                                                                        wait_ms=10_000, stamp=stamp)))
+    waiter.start()
+    time.sleep(0.3)
+    # When the holder releases and a newcomer asks the moment the release returns
+    sem.release(held)
+    newcomer = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    waiter.join(timeout=15)
+    # Then the waiter has the slot: its try rode behind its BLPOP, so Redis ran it as the release's
+    # signal ended the wait, before the release's own reply went out (one round trip per wait)
+    assert isinstance(newcomer, int)
+    grant, waited_ms = out["got"]
+    assert isinstance(grant, SlotGrant) and grant.slot == 1 and waited_ms >= 250
+    # and its record was written whole by the first try, then stamped with the grant
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t3")).items()}
+    assert (h["owner"], h["lease_token"], h["fence"]) == ("w9", grant.token, str(grant.fence))

@@ -53,8 +53,11 @@ class Permit(Protocol):
         """The grant the queued try won, or None (the permit is busy: :meth:`acquire` waits)."""
 
     def acquire(self, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int,
-                redis_now_ms: int) -> tuple[Grant, float]:
-        """Wait for the permit and record the attempt in flight; return (grant, ms waited)."""
+                redis_now_ms: int, recorded: bool = False) -> tuple[Grant, float]:
+        """Wait for the permit and record the attempt in flight; return (grant, ms waited).
+
+        ``recorded``: the try queued by :meth:`speculate` wrote ``record`` whole and it stands, so the
+        grant only stamps its lease, token, fence and deadline into it."""
 
     def feedback(self, reply: Reply, *, retry_after_max_s: float) -> None:
         """Learn from the attempt's reply."""
@@ -90,7 +93,8 @@ class SerialPermit:
         got = self.lease.acquire_reply(token, replies[0])
         return got if isinstance(got, Grant) else None
 
-    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
+    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms, recorded=False):
+        # (a busy lease is rare, after a kill: the record is written whole again either way)
         label = f"task {record.task_id} attempt {record.attempt}"
         # The in-flight record travels with the acquire (one round trip). Its deadline is an
         # estimate on the Redis clock, a little late on purpose.
@@ -147,13 +151,14 @@ class SlotPermit:
         got = self.slots.grant_of(replies[0], token)
         return got if isinstance(got, SlotGrant) else None
 
-    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms):
+    def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms, recorded=False):
         # The in-flight record is written by the first try for a slot, granted or not (a waiting task
         # of a dead worker comes back at once), and stamped with the slot, fence and deadline by the
-        # try that wins: one round trip when a slot is free.
-        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms,
-                                              stamp=self.inflight.stamp(
-                                                  record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS))
+        # try that wins: one round trip when a slot is free. A try ahead that found none wrote it.
+        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        if recorded:
+            stamp = replace(stamp, fields=())
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp)
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()

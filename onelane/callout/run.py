@@ -105,6 +105,8 @@ class Preflight:
     #: the token of the permit tried ahead, and its grant if the try won (None: not tried, or busy)
     token: str = ""
     grant: Grant | None = None
+    #: the try ahead wrote this attempt's whole in-flight record, and it stands (a wait only stamps it)
+    recorded: bool = False
 
 
 @dataclass
@@ -236,7 +238,7 @@ class CalloutRun:
             prior = self.ledger.outcome_from(recorded)
         check = Preflight(prior=prior, attempt=int(finished) + 1, paused=bool(paused),
                           circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
-                          read_at=self.clock.monotonic(), token=token, grant=grant)
+                          read_at=self.clock.monotonic(), token=token, grant=grant, recorded=bool(ahead))
         if ahead and (prior is not None or check.attempt > self.policy.max_attempts or check.paused
                       or check.circuit.blocked_for_ms):
             self._give_back_ahead(check)
@@ -255,6 +257,7 @@ class CalloutRun:
         self.inflight.forget(self.task_id, self.delivery.queue, pipe=pipe)
         pipe.execute()
         check.grant = None
+        check.recorded = False
 
     def _record(self, *, attempt: int) -> InflightRecord:
         d = self.delivery
@@ -327,7 +330,8 @@ class CalloutRun:
             token = check.token or new_token()
             try:
                 grant, waited_ms = self._redis(lambda: self.permits.acquire(
-                    record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms, redis_now_ms=now_ms))
+                    record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms, redis_now_ms=now_ms,
+                    recorded=check.recorded))
             except LeaseBusy as exc:
                 raise self.dead_letter(f"{exc}; gave up waiting") from None
         attempt = Attempt(check.attempt, grant, waited_ms,

@@ -66,21 +66,27 @@ class Semaphore:
         as a task waiting for a slot, due at once). With replicas required, a slot they did not
         confirm in time is freed and :class:`NotReplicated` raised: it never counts as had.
         """
+        return self._try(token, ttl_ms=ttl_ms, stamp=stamp)
+
+    def _try(self, token: str, *, ttl_ms: int, stamp: Stamp | None, after_wait_s: float = 0.0) -> SlotGrant | int:
+        """:meth:`try_acquire`; with ``after_wait_s``, first block that long (at most) on the release
+        signal, in the same round trip: Redis runs the try the moment the wait ends."""
         keys, args = self._call(token, ttl_ms, stamp)
-        confirmed = None
-        if self.replicas.needed <= 0:
-            res = _ACQUIRE(self.client, keys=keys, args=args)
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
-            self.replicas.queue_wait(pipe)
-            try:
-                res, *confirmed = pipe.execute()
-            except NoScriptError:
-                forget(self.client)
-                return self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp)
+        if self.replicas.needed <= 0 and not after_wait_s:
+            return self.grant_of(_ACQUIRE(self.client, keys=keys, args=args), token)
+        pipe = self.client.pipeline(transaction=False)
+        if after_wait_s:
+            pipe.blpop([self.keys.slot_signal(self.resource)], timeout=after_wait_s)
+        _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+        self.replicas.queue_wait(pipe)
+        try:
+            replies = pipe.execute()
+        except NoScriptError:
+            forget(self.client)  # Redis lost its script cache (a restart): the wait, if any, is over
+            return self._try(token, ttl_ms=ttl_ms, stamp=stamp)
+        res, *confirmed = replies[1:] if after_wait_s else replies
         got = self.grant_of(res, token)
-        if isinstance(got, SlotGrant) and confirmed is not None and not self.replicas.confirmed(confirmed):
+        if isinstance(got, SlotGrant) and self.replicas.needed > 0 and not self.replicas.confirmed(confirmed):
             self.release(got)
             self.replicas.resync(self.client)
             raise NotReplicated(f"slot {got.slot} of {self.resource!r}", self.replicas.confirmations(confirmed),
@@ -112,21 +118,21 @@ class Semaphore:
     def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: Stamp | None = None) -> tuple[SlotGrant, float]:
         """Take a slot, blocking on the release signal; return (grant, ms waited). LeaseBusy on timeout.
 
+        Each wait and the try after it are one round trip (a pipelined BLPOP, then the script).
         ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
         record exists from then on, and each later try only stamps a grant into it)."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
-        while True:
-            got = self.try_acquire(token, ttl_ms=ttl_ms, stamp=stamp)
-            if stamp is not None and stamp.fields:
-                stamp = replace(stamp, fields=())
-            if isinstance(got, SlotGrant):
-                return got, (time.monotonic() - started) * 1000
+        got = self._try(token, ttl_ms=ttl_ms, stamp=stamp)
+        if stamp is not None and stamp.fields:
+            stamp = replace(stamp, fields=())
+        while not isinstance(got, SlotGrant):
             left_ms = (give_up - time.monotonic()) * 1000
             if left_ms <= 0:
                 raise LeaseBusy(f"no free slot of {self.resource!r} (cap {self.limit.concurrency}) in time")
-            block = max(10, min(got + 5, left_ms, _MAX_BLOCK_MS))
-            self.client.blpop([self.keys.slot_signal(self.resource)], timeout=block / 1000)
+            block_ms = max(10, min(got + 5, left_ms, _MAX_BLOCK_MS))
+            got = self._try(token, ttl_ms=ttl_ms, stamp=stamp, after_wait_s=block_ms / 1000)
+        return got, (time.monotonic() - started) * 1000
 
     def release(self, grant: SlotGrant, *, pipe=None):
         """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given)."""

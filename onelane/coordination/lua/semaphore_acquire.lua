@@ -2,10 +2,13 @@
 -- KEYS[1] the resource's fencing counter (shared by all slots)
 -- KEYS[2] lease index (sorted set: lease name -> deadline ms)
 -- KEYS[3] adaptive cap hash (field 'cap', a float; absent = N)
--- KEYS[4] held set (sorted set: slot number -> deadline ms): which slots are taken, read in one
---         command instead of N PTTLs. A hint only: the slot's lease key is the truth, taken with
---         SET NX, so a stale hint can never hand one slot to two holders; with an adaptive cap
---         lowered below N the keys are counted instead (PTTL each), so it cannot exceed the cap.
+-- KEYS[4] slot set (sorted set: every slot number 1..N -> its deadline ms; a free slot i scores i,
+--         a time long past, so free slots come lowest number first): the
+--         lowest score is a free slot or, when it has not passed, the soonest to expire, so a grant
+--         or a refusal reads one member (ZRANGE 0 0), whatever N. A hint only: the slot's lease key
+--         is the truth, taken with SET NX, so a stale hint can never hand one slot to two holders;
+--         a set that is not exactly 1..N is rebuilt from the keys, and with an adaptive cap lowered
+--         below N the keys are counted instead (PTTL each), so it cannot exceed the cap.
 -- KEYS[5 .. 4+N] the slot lease keys
 -- ARGV[1] token, ARGV[2] ttl ms, ARGV[3] N, ARGV[4] 1 if the cap is adaptive
 -- ARGV[5] the slot lease names without their number: slot i is <ARGV[5]><i> (its index member)
@@ -30,51 +33,54 @@ if ARGV[4] == '1' then
     cap = math.max(1, math.min(n, math.floor(c)))
 end
 
--- the slots whose deadline has not passed, soonest first (a lease key lives until its deadline)
+-- the fast path: the slot with the lowest deadline. Passed (a free slot's is its number): {slot}. Not passed:
+-- every slot is taken, {nil, busy reply}. A set that is not one member per slot: {nil, nil}.
 local function read_hint()
-    local taken, count, soonest = {}, 0, nil
-    local rows = redis.call('ZRANGEBYSCORE', HELD, now, '+inf', 'WITHSCORES')
-    for i = 1, #rows, 2 do
-        local slot = tonumber(rows[i])
-        if slot and slot >= 1 and slot <= n then
-            taken[slot] = true
-            count = count + 1
-            if not soonest then soonest = tonumber(rows[i + 1]) - now end
-        end
+    if redis.call('ZCARD', HELD) ~= n then
+        return nil, nil
     end
-    return taken, count, soonest
+    local lowest = redis.call('ZRANGE', HELD, 0, 0, 'WITHSCORES')
+    local slot, due = tonumber(lowest[1]), tonumber(lowest[2])
+    if not slot or slot < 1 or slot > n or slot % 1 ~= 0 then
+        return nil, nil
+    end
+    if due >= now then
+        return nil, {0, due - now, n, cap}
+    end
+    return slot
 end
 
--- the slow path, for a hint that disagrees with the keys (an older onelane wrote them, or a
--- deadline on the exact millisecond): every slot's PTTL, and the hint rewritten from them
+-- the slow path, for a hint that disagrees with the keys (an older onelane wrote it, a holder
+-- killed between key and hint, a changed N): every slot's PTTL, and the set rewritten from them
 local function scan()
     local taken, count, soonest = {}, 0, nil
+    local rows = {'ZADD', HELD}
     for i = 1, n do
         local pttl = redis.call('PTTL', KEYS[4 + i])
+        local due = i  -- free: a deadline long past, lowest number first
         if pttl ~= -2 then
             taken[i] = true
             count = count + 1
-            if pttl >= 0 then
-                redis.call('ZADD', HELD, now + pttl, i)
-                if not soonest or pttl < soonest then soonest = pttl end
-            end
-        else
-            redis.call('ZREM', HELD, i)
+            if pttl < 0 then pttl = ttl end  -- a key without expiry (hand-made): looked at again later
+            due = now + pttl
+            if not soonest or pttl < soonest then soonest = pttl end
         end
+        rows[#rows + 1] = due
+        rows[#rows + 1] = i
     end
+    redis.call('DEL', HELD)
+    redis.call(unpack(rows))
     return taken, count, soonest
 end
 
+-- the first slot the scan found free, taken (nil and the refusal when none is, or the cap is reached)
 local function take(taken, count, soonest)
     if count >= cap then
         return nil, {0, soonest or 50, count, cap}
     end
     for i = 1, n do
-        if not taken[i] then
-            if redis.call('SET', KEYS[4 + i], ARGV[1], 'PX', ttl, 'NX') then
-                return i
-            end
-            return nil  -- the hint said free, the key says held: look at every key
+        if not taken[i] and redis.call('SET', KEYS[4 + i], ARGV[1], 'PX', ttl, 'NX') then
+            return i
         end
     end
     return nil, {0, soonest or 50, count, cap}
@@ -115,14 +121,17 @@ if cap < n then
     -- at most N holders, and a hint missing a held slot must not let one more in under the cap
     free, busy = take(scan())
 else
-    free, busy = take(read_hint())
+    free, busy = read_hint()
+    if free and not redis.call('SET', KEYS[4 + free], ARGV[1], 'PX', ttl, 'NX') then
+        free = nil  -- the hint said free, the key says held: look at every key
+    end
     if not free and not busy then
         free, busy = take(scan())
     end
 end
 if not free then
     stamp(false)
-    return busy or {0, 50, n, cap}
+    return busy
 end
 local fence = redis.call('INCR', KEYS[1])
 if fence == 1 then
