@@ -59,6 +59,7 @@ from bench.coalescing import report_rows as coalescing_rows, run as coalescing_b
 from bench.replication import report_rows as replication_rows, run as replication_bench  # noqa: E402
 from bench import cost  # noqa: E402
 from bench.figures import gaps_ms, pct  # noqa: E402
+from bench.rounds import interleaved, median_of, spread  # noqa: E402
 
 console = Console(width=max(140, Console().width))
 
@@ -155,14 +156,23 @@ def cost_ratios(ol: dict, bare: dict) -> dict:
                                                 "redis_round_trips_per_callout", "redis_commands_per_callout")}
 
 
-def overhead(n, pools):
+def paired(run_onelane, run_bare, rounds: int) -> dict:
+    """``rounds`` interleaved runs of each side (bench/rounds.py): the median of every figure, the
+    median of each round's ratios, and every round's ratios beside them."""
+    ols, bares = interleaved(run_onelane, run_bare, rounds)
+    per_round = [{"ratio": _ratio(ol["per_s"], b["per_s"]), "cost_ratio": cost_ratios(ol["cost"], b["cost"])}
+                 for ol, b in zip(ols, bares)]
+    return {"onelane": median_of(ols), "bare": median_of(bares), "rounds": per_round,
+            "ratio": median_of([r["ratio"] for r in per_round]),
+            "cost_ratio": median_of([r["cost_ratio"] for r in per_round])}
+
+
+def overhead(n, pools, rounds):
     out = {}
     for pool in pools:
         extra = () if pool == "prefork" else ("--pool", pool)
-        ol = run_throughput("tasks", "tasks.callout", "serial", n, extra)
-        bare = run_throughput("bench.bare_app", "bare.call", "bare", n, extra)
-        out[pool] = {"onelane": ol, "bare": bare, "ratio": round(ol["per_s"] / bare["per_s"], 3),
-                     "cost_ratio": cost_ratios(ol["cost"], bare["cost"])}
+        out[pool] = paired(lambda: run_throughput("tasks", "tasks.callout", "serial", n, extra),
+                           lambda: run_throughput("bench.bare_app", "bare.call", "bare", n, extra), rounds)
     return out
 
 
@@ -234,20 +244,22 @@ def capacity_once(module, task, queue, env_extra, calls, kwargs_of):
                 "per_s": round(len(snap) / window.wall_s, 1), "cost": c}
 
 
-def capacity(calls):
+def capacity(calls, rounds):
     limits = json.dumps({"acme": {"concurrency": 25}})
-    out = {
-        "onelane_cap_25": capacity_once("tasks", "tasks.callout", "bulk", {"ONELANE_LIMITS": limits}, calls,
+    pair = paired(lambda: capacity_once("tasks", "tasks.callout", "bulk", {"ONELANE_LIMITS": limits}, calls,
                                         lambda api, i: {"url": f"{api.url}/c/{i}", "resource": "acme"}),
-        "unlimited": capacity_once("bench.unlimited_app", "free.call", "free", {}, calls,
-                                   lambda api, i: {"url": f"{api.url}/c/{i}"}),
+                  lambda: capacity_once("bench.unlimited_app", "free.call", "free", {}, calls,
+                                        lambda api, i: {"url": f"{api.url}/c/{i}"}), rounds)
+    return {
+        "onelane_cap_25": pair["onelane"],
+        "unlimited": pair["bare"],
         # 40 threads each sleeping 30 ms after a 50 ms call keep ~25 in flight on average
         "sleep_between_calls": capacity_once("bench.unlimited_app", "free.call", "free",
                                              {"BENCH_SLEEP_S": "0.03"}, calls,
                                              lambda api, i: {"url": f"{api.url}/c/{i}"}),
+        "cost_ratio": pair["cost_ratio"],
+        "rounds": pair["rounds"],
     }
-    out["cost_ratio"] = cost_ratios(out["onelane_cap_25"]["cost"], out["unlimited"]["cost"])
-    return out
 
 
 # -- 3. recovery -------------------------------------------------------------------------------
@@ -507,14 +519,14 @@ def report(res):
         t.add_column(col)
     for pool, o in res["overhead"].items():
         ol, b = o["onelane"], o["bare"]
-        t.add_row(f"overhead, {ol['calls']} calls, pool {pool}: calls/s", str(ol["per_s"]), str(b["per_s"]),
-                  f"{o['ratio']:.2f}x bare")
+        t.add_row(f"overhead, {ol['calls']} calls, pool {pool}: calls/s{rounds_text(res)}", str(ol["per_s"]),
+                  str(b["per_s"]), f"{o['ratio']:.2f}x bare{round_spread(o, 'ratio')}")
         t.add_row("  handoff gap p50 / p99 / max ms",
                   f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']} / {ol['gap_max_ms']}",
                   f"{b['gap_p50_ms']} / {b['gap_p99_ms']} / {b['gap_max_ms']}",
                   f"p50 +{ol['gap_p50_ms'] - b['gap_p50_ms']:.2f} ms")
         t.add_row("  worker RSS MB (parent + child)", str(ol["rss_mb"]), str(b["rss_mb"]), "")
-        for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"]):
+        for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"], o.get("rounds")):
             t.add_row(*row)
     lc = res.get("long_calls")
     if lc:
@@ -531,7 +543,7 @@ def report(res):
     t.add_row("  retries / requeues / overlaps",
               f"{c['onelane']['retries']} / {c['onelane']['requeues']} / {c['onelane']['overlaps']}",
               f"{c['spinlock']['retries']} / {c['spinlock']['requeues']} / {c['spinlock']['overlaps']}", "")
-    caps = {k: v for k, v in res.get("capacity", {}).items() if k != "cost_ratio"}
+    caps = {k: v for k, v in res.get("capacity", {}).items() if k not in ("cost_ratio", "rounds")}
     for name, cap in caps.items():
         t.add_row(f"capacity {name}: {res['args']['capacity_calls']} calls x 50 ms, API fails above 25",
                   f"{cap['seconds']} s, {cap['per_s']} calls/s, utilisation {cap['utilisation']}",
@@ -540,7 +552,8 @@ def report(res):
                   ceiling_text(cap["cost"]["ceilings"]), cpu_verdict(cap["cost"]))
     if "onelane_cap_25" in caps and "unlimited" in caps:
         t.add_row("capacity, per callout: onelane cap 25 vs no cap (same topology)", "", "", "")
-        for row in cost_rows(caps["onelane_cap_25"]["cost"], caps["unlimited"]["cost"], res["capacity"]["cost_ratio"]):
+        for row in cost_rows(caps["onelane_cap_25"]["cost"], caps["unlimited"]["cost"], res["capacity"]["cost_ratio"],
+                             res["capacity"].get("rounds")):
             t.add_row(*row)
     r = res["recovery"]
     for kind in ("child", "worker"):
@@ -621,10 +634,27 @@ def targets_table(res) -> Table:
     return t
 
 
-def cost_rows(ol: dict, b: dict, ratio: dict) -> list[tuple[str, str, str, str]]:
+def rounds_text(res) -> str:
+    r = res["args"].get("rounds", 1)
+    return f" (median of {r} rounds)" if r > 1 else ""
+
+
+def round_spread(pair: dict, key: str) -> str:
+    """`` (rounds 0.88-1.02)``: the lowest and highest of a pair's rounds, when it had several."""
+    rounds = pair.get("rounds") or []
+    values = [r[key] if key == "ratio" else r["cost_ratio"][key] for r in rounds]
+    values = [v for v in values if v is not None]
+    return f" (rounds {spread(values)})" if len(values) > 1 else ""
+
+
+def cost_rows(ol: dict, b: dict, ratio: dict, rounds=None) -> list[tuple[str, str, str, str]]:
     """The per-callout cost rows of one onelane/baseline pair (bench/cost.py)."""
-    def x(key):
-        return f"{ratio[key]:.2f}x" if ratio.get(key) is not None else "-"
+    pair = {"rounds": rounds}
+
+    def x(key, spread_too=True):
+        if ratio.get(key) is None:
+            return "-"
+        return f"{ratio[key]:.2f}x" + (round_spread(pair, key) if spread_too else "")
     return [
         ("  worker CPU ms / callout (every worker process)", str(ol["worker_cpu_ms_per_callout"]),
          str(b["worker_cpu_ms_per_callout"]), x("worker_cpu_ms_per_callout")),
@@ -633,7 +663,7 @@ def cost_rows(ol: dict, b: dict, ratio: dict) -> list[tuple[str, str, str, str]]
         ("  Redis round trips / commands per callout",
          f"{ol['redis_round_trips_per_callout']} / {ol['redis_commands_per_callout']}",
          f"{b['redis_round_trips_per_callout']} / {b['redis_commands_per_callout']}",
-         f"{x('redis_round_trips_per_callout')} / {x('redis_commands_per_callout')}"),
+         f"{x('redis_round_trips_per_callout', False)} / {x('redis_commands_per_callout', False)}"),
     ]
 
 
@@ -686,16 +716,19 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--calls", type=int, default=None, help="overhead callouts (default 2000; quick 100)")
+    ap.add_argument("--calls", type=int, default=None, help="overhead callouts per round (default 1000; quick 100)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds of each onelane/baseline pair, medians reported (default 3; quick 1)")
     ap.add_argument("--jobs", type=int, default=None, help="contention jobs (default 50; quick 10)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     a = ap.parse_args(argv)
-    calls = a.calls or (100 if a.quick else 2000)
+    calls = a.calls or (100 if a.quick else 1000)
+    rounds = a.rounds or (1 if a.quick else 3)
     jobs = a.jobs or (10 if a.quick else 50)
     res = {"machine": f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}",
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "jobs": jobs, "quick": a.quick}}
-    console.print(f"overhead: {calls} callouts each way ...")
-    res["overhead"] = overhead(calls, ["prefork", "solo"])
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "jobs": jobs, "quick": a.quick, "rounds": rounds}}
+    console.print(f"overhead: {calls} callouts each way, {rounds} interleaved round(s) ...")
+    res["overhead"] = overhead(calls, ["prefork", "solo"], rounds)
     if not a.quick:  # the smoke run skips it: it is the overhead scenario with slow calls
         console.print("handoff after 300 ms calls, as make demo ...")
         res["long_calls"] = handoff_after_long_calls(40, 0.3)
@@ -703,8 +736,8 @@ def main(argv=None) -> int:
     res["contention"] = contention(jobs)
     cap_calls = 200 if a.quick else 2000
     res["args"]["capacity_calls"] = cap_calls
-    console.print(f"capacity: {cap_calls} calls, three ways ...")
-    res["capacity"] = capacity(cap_calls)
+    console.print(f"capacity: {cap_calls} calls, three ways ({rounds} interleaved round(s) of cap 25 and no cap) ...")
+    res["capacity"] = capacity(cap_calls, rounds)
     console.print("recovery ...")
     res["recovery"] = recovery(a.quick)
     lane_count = 3 if a.quick else 20
