@@ -33,8 +33,9 @@ if ARGV[4] == '1' then
     cap = math.max(1, math.min(n, math.floor(c)))
 end
 
--- the fast path: the slot with the lowest deadline. Passed (a free slot's is its number): {slot}. Not passed:
--- every slot is taken, {nil, busy reply}. A set that is not one member per slot: {nil, nil}.
+-- the fast path: the slot with the lowest deadline. Passed (a free slot's is its number): {slot}.
+-- Not passed: every slot is taken, {nil, busy reply}. A set that is not one member per slot:
+-- {nil, nil}.
 local function read_hint()
     if redis.call('ZCARD', HELD) ~= n then
         return nil, nil
