@@ -2,6 +2,9 @@
 
     python -m bench [--quick] [--out bench/results.json]
 
+Every onelane/baseline pair of 1 and 5 runs in interleaved rounds (3; bench/rounds.py), and its
+figures are the medians over the rounds, each round's ratios kept beside them.
+
 1. Overhead: N callouts to an API that answers at once, through onelane and through a bare
    Celery task doing the same requests call with the same worker configuration and task
    events on (-E), with the prefork pool (concurrency 1) and with --pool solo: calls/s, the
@@ -15,7 +18,8 @@
    API, against bare Celery with late ack.
 4. Memory: worker RSS after the overhead run.
 5. Capacity: 2000 calls of 50 ms to an API that fails above 25 in flight, from two
-   thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls; the
+   thread-pool workers of 20: onelane's cap of 25, no cap, and a sleep between calls (both
+   baselines with task events on, -E, as onelane's workers send them); the
    same per-callout costs, where the machine's CPU went, and which of the cap, the CPU and
    the workers' GIL limits the calls/s (the utilisation the machine can reach).
 6. Lanes: the memory of one lane's worker (prefork and --pool solo), and 20 lanes on one
@@ -176,11 +180,11 @@ def overhead(n, pools, rounds):
     return out
 
 
-def handoff_after_long_calls(n, call_s):
+def handoff_after_long_calls(n, call_s, rounds):
     """The handoff gap when each call takes ``call_s`` (as in ``make demo``), onelane and bare, prefork."""
-    ol = run_throughput("tasks", "tasks.callout", "serial", n, delay_s=call_s)
-    bare = run_throughput("bench.bare_app", "bare.call", "bare", n, delay_s=call_s)
-    return {"call_s": call_s, "onelane": ol, "bare": bare, "cost_ratio": cost_ratios(ol["cost"], bare["cost"])}
+    pair = paired(lambda: run_throughput("tasks", "tasks.callout", "serial", n, delay_s=call_s),
+                  lambda: run_throughput("bench.bare_app", "bare.call", "bare", n, delay_s=call_s), rounds)
+    return {"call_s": call_s, **pair}
 
 
 # -- 2. contention -----------------------------------------------------------------------------
@@ -225,7 +229,8 @@ def contention(jobs):
 
 # -- 5. capacity -------------------------------------------------------------------------------
 def capacity_once(module, task, queue, env_extra, calls, kwargs_of):
-    """Two thread-pool workers of 20 against an API that fails every call above 25 in flight."""
+    """Two thread-pool workers of 20 against an API that fails every call above 25 in flight (the
+    baselines with task events on, -E, as onelane's workers send them)."""
     with RedisServer(appendonly=False) as server, FragileAPI(delay_s=0.05, capacity=25) as api:
         env = env_for(server.url, **env_extra)
 
@@ -233,7 +238,8 @@ def capacity_once(module, task, queue, env_extra, calls, kwargs_of):
             return app.send_task(task, kwargs=kwargs_of(api, i), queue=queue).id
 
         window, snap, _ = measured_run(server, api, module, queue,
-                                       [(env, f"cap{i}", "--pool", "threads", "-c", "20") for i in range(2)],
+                                       [(env, f"cap{i}", "--pool", "threads", "-c", "20",
+                                         *(BARE_FLAGS if module != "tasks" else ())) for i in range(2)],
                                        calls, publish)
         ok = [c for c in snap if c.status == 200]
         busy = sum(c.end - c.start for c in ok)
@@ -524,7 +530,7 @@ def report(res):
         t.add_row("  handoff gap p50 / p99 / max ms",
                   f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']} / {ol['gap_max_ms']}",
                   f"{b['gap_p50_ms']} / {b['gap_p99_ms']} / {b['gap_max_ms']}",
-                  f"p50 +{ol['gap_p50_ms'] - b['gap_p50_ms']:.2f} ms")
+                  f"p50 {ol['gap_p50_ms'] - b['gap_p50_ms']:+.2f} ms")
         t.add_row("  worker RSS MB (parent + child)", str(ol["rss_mb"]), str(b["rss_mb"]), "")
         for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"], o.get("rounds")):
             t.add_row(*row)
@@ -532,9 +538,9 @@ def report(res):
     if lc:
         ol, b = lc["onelane"], lc["bare"]
         t.add_row(f"handoff after {lc['call_s'] * 1000:.0f} ms calls (as make demo), {ol['calls']} calls, prefork: "
-                  "gap p50 / p99 ms", f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']}", f"{b['gap_p50_ms']} / {b['gap_p99_ms']}",
-                  f"p50 +{ol['gap_p50_ms'] - b['gap_p50_ms']:.2f} ms")
-        for row in cost_rows(ol["cost"], b["cost"], lc["cost_ratio"]):
+                  f"gap p50 / p99 ms{rounds_text(res)}", f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']}",
+                  f"{b['gap_p50_ms']} / {b['gap_p99_ms']}", f"p50 {ol['gap_p50_ms'] - b['gap_p50_ms']:+.2f} ms")
+        for row in cost_rows(ol["cost"], b["cost"], lc["cost_ratio"], lc.get("rounds")):
             t.add_row(*row)
     c = res["contention"]
     t.add_row(f"contention, {res['args']['jobs']} jobs x 200 ms: seconds", str(c["onelane"]["seconds"]),
@@ -544,10 +550,14 @@ def report(res):
               f"{c['onelane']['retries']} / {c['onelane']['requeues']} / {c['onelane']['overlaps']}",
               f"{c['spinlock']['retries']} / {c['spinlock']['requeues']} / {c['spinlock']['overlaps']}", "")
     caps = {k: v for k, v in res.get("capacity", {}).items() if k not in ("cost_ratio", "rounds")}
+    paired_caps = ("onelane_cap_25", "unlimited")
     for name, cap in caps.items():
-        t.add_row(f"capacity {name}: {res['args']['capacity_calls']} calls x 50 ms, API fails above 25",
+        several = name in paired_caps and res["args"].get("rounds", 1) > 1
+        t.add_row(f"capacity {name}: {res['args']['capacity_calls']} calls x 50 ms, API fails above 25"
+                  + (rounds_text(res) if several else ""),
                   f"{cap['seconds']} s, {cap['per_s']} calls/s, utilisation {cap['utilisation']}",
-                  f"failed calls {cap['failed_calls']}", f"max concurrency {cap['max_concurrency']}")
+                  f"failed calls {cap['failed_calls']}" + (f" in all {res['args']['rounds']} rounds" if several else ""),
+                  f"max concurrency {cap['max_concurrency']}")
         t.add_row("  where the CPU went, cores", cores_text(cap["cost"]["cores"]),
                   ceiling_text(cap["cost"]["ceilings"]), cpu_verdict(cap["cost"]))
     if "onelane_cap_25" in caps and "unlimited" in caps:
@@ -731,7 +741,7 @@ def main(argv=None) -> int:
     res["overhead"] = overhead(calls, ["prefork", "solo"], rounds)
     if not a.quick:  # the smoke run skips it: it is the overhead scenario with slow calls
         console.print("handoff after 300 ms calls, as make demo ...")
-        res["long_calls"] = handoff_after_long_calls(40, 0.3)
+        res["long_calls"] = handoff_after_long_calls(40, 0.3, rounds)
     console.print(f"contention: {jobs} jobs ...")
     res["contention"] = contention(jobs)
     cap_calls = 200 if a.quick else 2000
