@@ -275,3 +275,27 @@ def test_a_woken_waiter_has_the_slot_before_a_newcomer_can_ask(redis_client):
     # and its record was written whole by the first try, then stamped with the grant
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t3")).items()}
     assert (h["owner"], h["lease_token"], h["fence"]) == ("w9", grant.token, str(grant.fence))
+
+
+def test_a_wait_after_a_refused_try_ahead_starts_with_the_wait(redis_client):
+    # Given a cap of 1, held, and a task whose try ahead (with the preflight) was just refused
+    sem = semaphore(redis_client, 1)
+    sem.release(sem.try_acquire(new_token(), ttl_ms=TTL_MS))  # both scripts in Redis's cache
+    held = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    refused = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    assert isinstance(refused, int)
+    redis_client.delete(KEYS.slot_signal("acme"))
+    redis_client.config_resetstat()
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(got=sem.acquire(new_token(), ttl_ms=TTL_MS, wait_ms=10_000,
+                                                                        refused_ms=refused)))
+    waiter.start()
+    time.sleep(0.3)
+    # When the holder releases
+    sem.release(held)
+    waiter.join(timeout=15)
+    # Then the task got the slot with one wait and one try (no second try straight after the first)
+    grant, _ = out["got"]
+    assert isinstance(grant, SlotGrant)
+    calls = commands(redis_client)
+    assert calls["blpop"] == 1 and calls["evalsha"] == 2, calls  # the wait's try, and the release

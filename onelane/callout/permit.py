@@ -137,6 +137,7 @@ class SlotPermit:
         self.slots = Semaphore(client, keys, resource, limit, replicas=replicas)
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
+        self._refused_ms: int | None = None
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         if self.rate is not None:
@@ -149,16 +150,21 @@ class SlotPermit:
 
     def speculated(self, replies, *, token):
         got = self.slots.grant_of(replies[0], token)
+        #: the refusal of the try ahead (ms until the soonest slot expires), so acquire waits first
+        self._refused_ms = None if isinstance(got, SlotGrant) else got
         return got if isinstance(got, SlotGrant) else None
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms, recorded=False):
         # The in-flight record is written by the first try for a slot, granted or not (a waiting task
         # of a dead worker comes back at once), and stamped with the slot, fence and deadline by the
-        # try that wins: one round trip when a slot is free. A try ahead that found none wrote it.
+        # try that wins: one round trip when a slot is free. A try ahead that found none wrote it, and
+        # was refused a moment ago: the wait comes first then, not a second try straight away.
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        refused_ms = None
         if recorded:
-            stamp = replace(stamp, fields=())
-        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp)
+            stamp, refused_ms = replace(stamp, fields=()), self._refused_ms
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
+                                              refused_ms=refused_ms)
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()

@@ -115,15 +115,18 @@ class Semaphore:
             args += [stamp.member, int(stamp.due_in_ms), *stamp.fields]
         return keys, args
 
-    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: Stamp | None = None) -> tuple[SlotGrant, float]:
+    def acquire(self, token: str, *, ttl_ms: int, wait_ms: int, stamp: Stamp | None = None,
+                refused_ms: int | None = None) -> tuple[SlotGrant, float]:
         """Take a slot, blocking on the release signal; return (grant, ms waited). LeaseBusy on timeout.
 
         Each wait and the try after it are one round trip (a pipelined BLPOP, then the script).
         ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
-        record exists from then on, and each later try only stamps a grant into it)."""
+        record exists from then on, and each later try only stamps a grant into it).
+        ``refused_ms``: a try just made was refused, the soonest slot expiring in that many ms
+        (:meth:`grant_of`): the first step is then a wait, not a second try straight away."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
-        got = self._try(token, ttl_ms=ttl_ms, stamp=stamp)
+        got = refused_ms if refused_ms is not None else self._try(token, ttl_ms=ttl_ms, stamp=stamp)
         if stamp is not None and stamp.fields:
             stamp = replace(stamp, fields=())
         while not isinstance(got, SlotGrant):
