@@ -135,7 +135,7 @@ def test_a_lost_hint_never_hands_a_held_slot_to_a_second_holder(redis_client):
     redis_client.delete(KEYS.slots_held("acme"))
     # When another grant is asked for
     third = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
-    # Then it gets the free slot 3: slot 1's key said no (SET NX), and the script read every key
+    # Then it gets the free slot 3: the set was not one member per slot, so the script read every key
     assert isinstance(third, SlotGrant) and third.slot == 3
     assert redis_client.get(KEYS.lease(first.name)).decode() == first.token
     assert redis_client.get(KEYS.lease(second.name)).decode() == second.token
@@ -299,3 +299,44 @@ def test_a_wait_after_a_refused_try_ahead_starts_with_the_wait(redis_client):
     assert isinstance(grant, SlotGrant)
     calls = commands(redis_client)
     assert calls["blpop"] == 1 and calls["evalsha"] == 2, calls  # the wait's try, and the release
+
+
+def test_a_hint_that_says_a_held_slot_is_free_never_hands_it_out(redis_client):
+    # Given slots 1 and 2 of 3 held, and the hint saying slot 1 is free (a holder killed between its
+    # key and its hint, or a hand-made change)
+    sem = semaphore(redis_client, 3)
+    first, second = (sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(2))
+    redis_client.zadd(KEYS.slots_held("acme"), {"1": 1})
+    # When another grant is asked for
+    third = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    # Then slot 1's key said no (SET NX), the script read every key and gave the free slot 3
+    assert isinstance(third, SlotGrant) and third.slot == 3
+    assert redis_client.get(KEYS.lease(first.name)).decode() == first.token
+    # and the hint is right again: all three taken, so the next try is refused from it
+    assert sorted(hint(redis_client)) == [1, 2, 3]
+    assert isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), int)
+
+
+def test_an_acquire_tried_again_after_a_refused_try_ahead_writes_the_record_whole(redis_client):
+    # Given a cap of 1, held, and a task whose try ahead (queued with its preflight) was refused
+    from onelane.callout.permit import SlotPermit
+    from onelane.delivery.inflight import Inflight, InflightRecord
+
+    inflight = Inflight(redis_client, KEYS)
+    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1), inflight)
+    other = permit.slots.try_acquire(new_token(), ttl_ms=TTL_MS)
+    record = InflightRecord(task_id="t5", queue="bulk", resource="acme", owner="w9", lease="", lease_token="", fence=0,
+                            started_ms=0, deadline_ms=0, attempt=0, delivery_tag="tag5", host="h", pid=1, kwargs={})
+    pipe = redis_client.pipeline(transaction=False)
+    assert permit.speculate(pipe, record, token="tok5", ttl_ms=TTL_MS, timeout_ms=5_000) == 1
+    assert permit.speculated(pipe.execute(), token="tok5") is None
+    permit.slots.release(other)
+    # When its acquire wins the slot, and then (a lost reply, replicas that did not confirm) its
+    # acquire runs again after the record was lost
+    grant, _ = permit.acquire(record, token="tok5", ttl_ms=TTL_MS, timeout_ms=5_000, redis_now_ms=0, recorded=True)
+    permit.release(grant)
+    redis_client.delete(KEYS.inflight("t5"))
+    again, _ = permit.acquire(record, token="tok6", ttl_ms=TTL_MS, timeout_ms=5_000, redis_now_ms=0, recorded=True)
+    # Then the second acquire wrote the whole record, not only the grant's fields
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t5")).items()}
+    assert (h.get("task_id"), h.get("owner"), h.get("lease_token")) == ("t5", "w9", "tok6")

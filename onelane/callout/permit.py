@@ -159,10 +159,14 @@ class SlotPermit:
         # of a dead worker comes back at once), and stamped with the slot, fence and deadline by the
         # try that wins: one round trip when a slot is free. A try ahead that found none wrote it, and
         # was refused a moment ago: the wait comes first then, not a second try straight away.
+        # Both hold once: an acquire tried again (a lost connection, replicas that did not confirm)
+        # may follow a grant that stamped the record, so it writes the record whole and tries first.
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
-        refused_ms = None
-        if recorded:
-            stamp, refused_ms = replace(stamp, fields=()), self._refused_ms
+        refused_ms, self._refused_ms = self._refused_ms, None
+        if recorded and refused_ms is not None:
+            stamp = replace(stamp, fields=())
+        else:
+            refused_ms = None
         grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
                                               refused_ms=refused_ms)
         if self.rate is not None:

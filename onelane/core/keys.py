@@ -94,9 +94,10 @@ class Keys:
         return f"{self.prefix}:slots:{resource}:released"
 
     def slots_held(self, resource: str) -> str:
-        """Sorted set: slot number -> deadline (ms, Redis clock) of each slot taken of a capped
-        resource, so a grant finds a free slot in one read. A hint kept beside the slot leases,
-        which stay the truth: a slot is taken only with SET NX on its lease key."""
+        """Sorted set: every slot number 1..N of a capped resource -> its deadline (ms, Redis clock;
+        a free slot i scores i, a time long past), so a grant or a refusal reads its lowest member.
+        A hint kept beside the slot leases, which stay the truth: a slot is taken only with SET NX
+        on its lease key."""
         return f"{self.prefix}:slots:{resource}:held"
 
     def batch(self, batch_id: str) -> str:
