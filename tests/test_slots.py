@@ -340,3 +340,16 @@ def test_an_acquire_tried_again_after_a_refused_try_ahead_writes_the_record_whol
     # Then the second acquire wrote the whole record, not only the grant's fields
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t5")).items()}
     assert (h.get("task_id"), h.get("owner"), h.get("lease_token")) == ("t5", "w9", "tok6")
+
+
+def test_tries_under_a_lowered_adaptive_cap_count_the_keys_without_rewriting_the_hint(redis_client):
+    # Given 4 slots whose adaptive cap is down to 2, both taken
+    sem = semaphore(redis_client, 4, adaptive=True)
+    redis_client.hset(KEYS.adaptive("acme"), "cap", "2")
+    assert all(isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), SlotGrant) for _ in range(2))
+    redis_client.config_resetstat()
+    # When five more tries come (an overloaded API: many waiters)
+    assert all(isinstance(sem.try_acquire(new_token(), ttl_ms=TTL_MS), int) for _ in range(5))
+    # Then each read the keys and wrote nothing: no rewrite of the hint per refusal
+    calls = commands(redis_client)
+    assert calls["pttl"] == 20 and "zadd" not in calls and "del" not in calls, calls

@@ -53,7 +53,8 @@ end
 
 -- the slow path, for a hint that disagrees with the keys (an older onelane wrote it, a holder
 -- killed between key and hint, a changed N): every slot's PTTL, and the set rewritten from them
-local function scan()
+-- (with ``keep_hint``, for a lowered cap, only read: the hint is not the one in doubt then)
+local function scan(keep_hint)
     local taken, count, soonest = {}, 0, nil
     local rows = {'ZADD', HELD}
     for i = 1, n do
@@ -69,8 +70,10 @@ local function scan()
         rows[#rows + 1] = due
         rows[#rows + 1] = i
     end
-    redis.call('DEL', HELD)
-    redis.call(unpack(rows))
+    if not keep_hint then
+        redis.call('DEL', HELD)
+        redis.call(unpack(rows))  -- 2N + 2 values: N is at most MAX_CONCURRENCY, far below Lua's limit
+    end
     return taken, count, soonest
 end
 
@@ -120,7 +123,7 @@ local free, busy
 if cap < n then
     -- a cap lowered below N (adaptive) is checked against the keys themselves: SET NX alone keeps
     -- at most N holders, and a hint missing a held slot must not let one more in under the cap
-    free, busy = take(scan())
+    free, busy = take(scan(true))
 else
     free, busy = read_hint()
     if free and not redis.call('SET', KEYS[4 + free], ARGV[1], 'PX', ttl, 'NX') then
