@@ -6,11 +6,12 @@ lease, so a killed holder's slot comes back when its deadline passes; waiting bl
 release signal with a bounded timeout, never polling Redis in a loop. The fencing counter
 is the resource's own (shared with its serial lease), so tokens grow across both.
 
-A grant reads which slots are taken from one sorted set (``Keys.slots_held``: slot number ->
-deadline) instead of the PTTL of every slot: O(1) commands per grant whatever the cap. The set
-is a hint kept beside the slot leases by the grant, the release and the renewal; the lease key
-stays the truth (a slot is taken with SET NX, and a hint that disagrees sends the script to
-read every key), so a stale hint costs a slower grant, never a slot held twice.
+A grant or a refusal reads one member of a sorted set holding every slot (``Keys.slots_held``:
+slot number -> deadline; a free slot scores its own number, a time long past) instead of the
+PTTL of every slot: O(1) commands per try whatever the cap. The set is a hint kept beside the
+slot leases by the grant, the release and the renewal; the lease key stays the truth (a slot
+is taken with SET NX, and a hint that disagrees sends the script to read every key), so a
+stale hint costs a slower grant, never a slot held twice.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 -- Extend a lease, only if the caller still holds it (compare-and-set on the token).
 -- KEYS[1] lease key, KEYS[2] holder hash, KEYS[3] lease index
 -- ARGV[1] token of the caller, ARGV[2] new ttl in ms, ARGV[3] lease name
--- KEYS[4], ARGV[4] (a slot only) its semaphore's held set and the slot's number: its deadline follows
+-- KEYS[4], ARGV[4] (a slot only) its semaphore's slot set and the slot's number: its deadline follows
 -- Returns {1, deadline_ms} when renewed, {0, current token or ''} when not held.
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then

@@ -3,8 +3,8 @@
 -- KEYS[2] lease index (sorted set: lease name -> deadline ms)
 -- KEYS[3] adaptive cap hash (field 'cap', a float; absent = N)
 -- KEYS[4] slot set (sorted set: every slot number 1..N -> its deadline ms; a free slot i scores i,
---         a time long past, so free slots come lowest number first): the
---         lowest score is a free slot or, when it has not passed, the soonest to expire, so a grant
+--         a time long past, so free slots come lowest number first): the lowest score is a free
+--         slot or, when it has not passed, the soonest to expire, so a grant
 --         or a refusal reads one member (ZRANGE 0 0), whatever N. A hint only: the slot's lease key
 --         is the truth, taken with SET NX, so a stale hint can never hand one slot to two holders;
 --         a set that is not exactly 1..N is rebuilt from the keys, and with an adaptive cap lowered
