@@ -92,3 +92,45 @@ def test_a_failed_delivery_of_an_id_that_succeeded_before_is_acknowledged_the_us
     wait_for(lambda: redis_client.hlen("unacked") == 0 and not redis_client.zcard("unacked_index"), 5,
              what="the rejected delivery acknowledged")
     assert len(api.snapshot()) == 1
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_fast_takes_claim_every_message_and_leave_nothing_behind(pool, base_env, redis_client, api, start, celery_app):
+    # Given 30 callouts queued before the worker starts (the take script moves them to the ready list,
+    # and the takes after it are plain LMOVEs), one of them with bad input and one with a coalesce key
+    api.delay_s = 0.02
+    sent = []
+    for i in range(30):
+        kwargs = {"url": f"{api.url}/f", "json": {"i": i}}
+        if i == 10:
+            kwargs["url"] = "ftp://nowhere"  # rejected before its first Redis step: never claimed
+        if i == 20:
+            kwargs.update(coalesce_key="rec", json={"i": i, "version": 1})
+        sent.append(celery_app.send_task("tasks.callout", kwargs=kwargs, queue="serial"))
+    extra = [] if pool == "prefork" else ["--pool", pool]
+    redis_client.config_resetstat()
+    start(procs.worker(base_env, extra=extra))
+    # When a newer version of the keyed record arrives while its first waits in the ready list
+    wait_for(lambda: len(api.snapshot()) >= 2, 60, what="the lane to run")
+    newer = celery_app.send_task("tasks.callout", queue="serial", kwargs={
+        "url": f"{api.url}/f", "json": {"i": 20, "version": 2}, "coalesce_key": "rec"})
+    for i, r in enumerate(sent):
+        if i != 10:
+            assert r.get(timeout=120)["status_code"] == 200
+    assert newer.get(timeout=60)["coalesced_into"] == sent[20].id
+
+    # Then every callout but the rejected one reached the API once, in order, the keyed one with its newest data
+    calls = api.snapshot()
+    assert [c.json()["i"] for c in calls] == [i for i in range(30) if i != 10]
+    assert [c.json().get("version") for c in calls if c.json()["i"] == 20] == [2]
+    assert api.overlaps == 0
+    wait_for(lambda: redis_client.hexists("onelane:dlq:serial", sent[10].id), 30, what="the rejection dead-lettered")
+    # most takes were one plain LMOVE each (the keyed callout went back to the script)
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_lmove"]["calls"] >= 25, stats.get("cmdstat_lmove")
+    # and nothing is left behind: not in the fetch list (the rejected one was taken off it by its ack),
+    # not unacked, nothing waiting
+    [(fetch_list, _owner)] = redis_client.hgetall("onelane:fetching").items()
+    wait_for(lambda: redis_client.llen(fetch_list) == 0 and redis_client.hlen("unacked") == 0
+             and not redis_client.zcard("unacked_index"), 5, what="every message acknowledged")
+    assert redis_client.llen("serial") == 0 and redis_client.llen("onelane:ready:serial") == 0

@@ -14,8 +14,8 @@ import pytest
 
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.delivery import coalescing, flow
-from onelane.delivery.fetching import QueueFetch, Step
-from onelane.delivery.inflight import MOVED, requeue_at_head
+from onelane.delivery.fetching import QueueFetch, Step, give_back, queue_claim, requeue_taken
+from onelane.delivery.inflight import MOVED, NOT_HELD, requeue_at_head
 
 KEYS = Keys()
 QUEUE = "serial"
@@ -116,6 +116,89 @@ def test_a_drain_budget_takes_before_reading_everything(redis_client, celery_app
     assert step.kind == "msg" and id_of(step.message) == ids[0]
     assert redis_client.llen(QUEUE) == 250 and redis_client.llen(KEYS.ready(QUEUE)) == 199
     assert [id_of(m) for m in take_all(redis_client, f)] == ids[1:]
+
+
+@pytest.mark.redis
+def test_a_take_by_the_script_says_how_many_the_ready_list_still_holds(redis_client, celery_app):
+    f = fetcher()
+    ids = [publish(celery_app) for _ in range(3)]
+    steps = [take(redis_client, f) for _ in range(3)]
+    assert [id_of(s.message) for s in steps] == ids
+    assert [s.ready_left for s in steps] == [2, 1, 0]
+
+
+@pytest.mark.redis
+def test_a_fast_take_holds_the_message_in_the_fetch_list_until_its_claim_records_it_unacked(
+        redis_client, celery_app):
+    # Given a ready list of three (the script took the first, moving the rest there)
+    f = fetcher()
+    ids = [publish(celery_app) for _ in range(3)]
+    take(redis_client, f)
+    # When the fast take runs: one plain LMOVE
+    message = redis_client.execute_command(*f.fast_take_command())
+    # Then the head of the queue is in the worker's fetch list, and nowhere else yet
+    assert id_of(message) == ids[1]
+    assert redis_client.lrange(f.fetch_list, 0, -1) == [message]
+    assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids[2:]
+    tag = json.loads(message)["properties"]["delivery_tag"]
+    assert not redis_client.hexists(KOMBU_UNACKED, tag)
+    # When its task claims it (on its preflight's pipeline)
+    pipe = redis_client.pipeline(transaction=False)
+    assert queue_claim(pipe, fetch_list=f.fetch_list, delivery_tag=tag, message=message.decode(), exchange="",
+                       routing_key=QUEUE) == 3
+    pipe.execute()
+    # Then it is unacked exactly as kombu records it, and off the fetch list
+    assert json.loads(redis_client.hget(KOMBU_UNACKED, tag)) == [json.loads(message), "", QUEUE]
+    assert redis_client.zscore(KOMBU_UNACKED_INDEX, tag) is not None
+    assert redis_client.llen(f.fetch_list) == 0
+    # and an orphan's requeue finds it where it finds a message the script took
+    assert requeue_at_head(redis_client, KEYS, queue=QUEUE, delivery_tag=tag, task_id=ids[1]) == MOVED
+    assert id_of(flow.head(redis_client, KEYS, QUEUE)) == ids[1]
+    # An empty ready list answers the fast take with nothing (the script's take comes next)
+    redis_client.delete(KEYS.ready(QUEUE))
+    assert redis_client.execute_command(*f.fast_take_command()) is None
+
+
+@pytest.mark.redis
+def test_a_give_back_of_chosen_messages_moves_only_those_the_fetch_list_still_holds(redis_client, celery_app):
+    # Given a fetch list of three fast takes, and one message already claimed elsewhere
+    f = fetcher()
+    ids = [publish(celery_app) for _ in range(5)]
+    take(redis_client, f)
+    taken = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    assert [id_of(m) for m in taken] == ids[1:4]
+    # When two of them are given back (one running is kept) and one that is not there any more
+    moved = give_back(redis_client, KEYS, fetch_list=f.fetch_list, queue=QUEUE, forget=False,
+                      only=[taken[2], taken[0], b"claimed meanwhile"])
+    # Then exactly those two went back to the head, oldest first in line, and the other stays
+    assert [id_of(m) for m in moved] == [ids[3], ids[1]]
+    assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == [ids[1], ids[3], ids[4]]
+    assert redis_client.lrange(f.fetch_list, 0, -1) == [taken[1]]
+    assert give_back(redis_client, KEYS, fetch_list=f.fetch_list, queue=QUEUE, forget=False, only=[]) == []
+
+
+@pytest.mark.redis
+def test_a_requeue_of_a_delivered_message_finds_it_claimed_or_still_in_the_fetch_list(redis_client, celery_app):
+    # Given three messages delivered by fast takes: one claimed by its task, one not yet (its pool
+    # child died first), one acknowledged
+    f = fetcher(token="w1")
+    ids = [publish(celery_app) for _ in range(4)]
+    take(redis_client, f)
+    claimed, unclaimed, acked = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    tags = [json.loads(m)["properties"]["delivery_tag"] for m in (claimed, unclaimed, acked)]
+    pipe = redis_client.pipeline(transaction=False)
+    queue_claim(pipe, fetch_list=f.fetch_list, delivery_tag=tags[0], message=claimed.decode(), exchange="",
+                routing_key=QUEUE)
+    pipe.lrem(f.fetch_list, 1, acked)
+    pipe.execute()
+    # When each is requeued (a worker-lost reject)
+    res = [requeue_taken(redis_client, KEYS, queue=QUEUE, delivery_tag=tag, task_id=tid, fetched=m.decode(),
+                         owner="w1") for tag, tid, m in zip(tags, ids[1:], (claimed, unclaimed, acked))]
+    # Then the claimed one comes back from its unacked copy, the unclaimed one from the fetch list,
+    # both at the head; the acknowledged one is gone for good
+    assert res == [MOVED, MOVED, NOT_HELD]
+    assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == [ids[2], ids[1]]
+    assert redis_client.llen(f.fetch_list) == 0 and redis_client.hlen(KOMBU_UNACKED) == 1  # the script's take
 
 
 @pytest.mark.redis

@@ -50,6 +50,7 @@ from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import coalescing, flow
+from onelane.delivery.fetching import fetched_of, queue_claim
 from onelane.delivery.inflight import Inflight, InflightRecord, queue_acknowledge, requeue_at_head
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,21 @@ class Delivery:
     batch: str | None
     #: the worker's token (ONELANE_WORKER_ID), written as the owner of in-flight records
     owner: str
+    #: the message as the worker's fetch list holds it, when the fast take delivered it: the first
+    #: preflight claims it (records it as unacked); None when the take script did already
+    fetched: str | None = None
+    exchange: str = ""
 
     @classmethod
     def of(cls, request, settings: Settings) -> "Delivery":
         """From Celery's task request (an eager call has no delivery info: the default queue)."""
+        info, props = request.delivery_info or {}, request.properties or {}
         return cls(task_id=request.id,
-                   queue=(request.delivery_info or {}).get("routing_key") or settings.queue,
-                   delivery_tag=(request.properties or {}).get("delivery_tag") or "",
+                   queue=info.get("routing_key") or settings.queue,
+                   delivery_tag=props.get("delivery_tag") or "",
                    batch=getattr(request, "onelane_batch", None),
-                   owner=os.environ.get(WORKER_ID_ENV, ""))
+                   owner=os.environ.get(WORKER_ID_ENV, ""),
+                   fetched=fetched_of(props), exchange=info.get("exchange") or "")
 
 
 @dataclass
@@ -166,6 +173,8 @@ class CalloutRun:
                                           self.inflight, lease_grace_ms=s.lease_grace_ms, replicas=self.replicas)
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
+        #: a message the fast take delivered waits in the worker's fetch list for the preflight's claim
+        self._unclaimed = delivery.fetched is not None and bool(delivery.delivery_tag and delivery.owner)
         self._said_circuit_open = False
         #: the task ids this callout carries (coalescing), read before each attempt
         self.carried: list[dict] = []
@@ -196,8 +205,9 @@ class CalloutRun:
     def preflight(self) -> Preflight:
         """One round trip for everything before an attempt: recorded outcome, attempts so far,
         pause, circuit, the Redis clock — and, for a serial resource, the lease and the in-flight
-        record, tried ahead. When something stands in the way (an outcome, a pause, an open
-        circuit, no attempts left) a lease won ahead is given back at once."""
+        record, tried ahead; on the first, the claim of a message the fast take delivered (recorded
+        as unacked, off the worker's fetch list). When something stands in the way (an outcome, a
+        pause, an open circuit, no attempts left) a lease won ahead is given back at once."""
         # one token for every try of this read: a try whose reply was lost (a failover) may have won
         # the lease, and the next try is then a re-grant to the same token, not a second lease
         token = new_token()
@@ -207,7 +217,11 @@ class CalloutRun:
         d, s = self.delivery, self.settings
         record = self._record(attempt=0)
         pipe = self.client.pipeline(transaction=False)
-        read = self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
+        claimed = 0
+        if self._unclaimed:  # first of all: the message is unacked before anything is in flight
+            claimed = queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
+                                  message=d.fetched, exchange=d.exchange, routing_key=d.queue)
+        read = claimed + self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
         pipe.exists(self.keys.paused(d.queue))
         pipe.hgetall(self.keys.circuit(self.resource))
         pipe.time()
@@ -224,7 +238,8 @@ class CalloutRun:
         except redis.exceptions.NoScriptError:  # Redis lost its script cache (a restart): load again
             forget(self.client)
             return self._preflight(token)
-        recorded, finished = replies[:read - 1], replies[read - 1]
+        self._unclaimed = False
+        recorded, finished = replies[claimed:read - 1], replies[read - 1]
         paused, circuit_raw, now = replies[read:read + 3]
         first = read + 3
         if keyed:

@@ -7,9 +7,17 @@ takes the head of the ready list, recording it as unacked in the same step: a me
 off both lists without being unacked. Reading a message's key is Python's part (cheap, in the
 worker); the script checks that what it absorbs is still exactly what was read.
 
-A worker's *fetch list* holds only a message the script could not read (handed to the worker to
-dead-letter) or what an older onelane left there; the worker gives its own back when it
-(re)connects, the reaper those of a worker that is gone (``lua/fetch_return.lua``).
+While the ready list holds callouts without a coalesce key, the *fast take* is one plain command
+instead of the script: ``LMOVE`` from the head of the ready list into the worker's *fetch list*.
+The message is then in the fetch list — never nowhere — until the task's first Redis step records
+it as unacked, in kombu's layout, and removes it from the fetch list (:func:`queue_claim`, on the
+callout's preflight). A Lua script costs Redis several times a plain command on a busy machine
+(README, "Per-callout budget"), and this one ran for every callout.
+
+A worker's *fetch list* otherwise holds only a message the script could not read (handed to the
+worker to dead-letter) or what an older onelane left there. Anything in it goes back to the head of
+its queue: the worker's own when it (re)connects, with the ones it is running left alone; a worker's
+that is gone, by the reaper (``lua/fetch_return.lua``).
 """
 from __future__ import annotations
 
@@ -21,10 +29,15 @@ from dataclasses import dataclass
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.core.scripts import LuaScript, forget
 from onelane.delivery.coalescing import arrival
+from onelane.delivery.inflight import MOVED, NOT_HELD, Requeue, requeue_at_head
 from onelane.delivery.messages import parse_queued, task_id_of
 
 _NEXT = LuaScript(__package__, "fetch_next")
 _RETURN = LuaScript(__package__, "fetch_return")
+
+#: the message property that carries, from the fast take to the task, the message as the fetch list
+#: holds it (the task's preflight claims it; an ack or a requeue before that takes it from there)
+FETCHED = "onelane_fetched"
 
 #: messages of kombu's list read (and checked for a coalesce key) per round trip
 DRAIN_BATCH = 200
@@ -41,13 +54,16 @@ class Step:
     kind: str
     message: bytes | None = None
     drained: tuple = ()
+    #: after a ``msg``: how many messages the ready list still holds
+    ready_left: int = 0
 
     @classmethod
     def of(cls, reply) -> "Step":
         kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if kind == "drain":
             return cls(kind, drained=tuple(reply[1]))
-        return cls(kind, message=reply[1] if len(reply) > 1 else None)
+        return cls(kind, message=reply[1] if len(reply) > 1 else None,
+                   ready_left=int(reply[2]) if len(reply) > 2 else 0)
 
 
 class QueueFetch:
@@ -63,6 +79,12 @@ class QueueFetch:
                      keys.coalesce_newest(queue), keys.coalesce_key_of(queue), keys.coalesce_counts(queue),
                      fetch_list, keys.reserved(queue)]
         self.carried_prefix = keys.coalesce_carried(queue, "")
+
+    def fast_take_command(self) -> list:
+        """The plain take: the head of the ready list into this worker's fetch list (its reply: the
+        message, or None when the ready list is empty). The message is claimed later, by
+        :func:`queue_claim`, or given back."""
+        return ["LMOVE", self.keys[1], self.fetch_list, "RIGHT", "LEFT"]
 
     def take_command(self, client) -> list:
         """The EVALSHA of a take, to send on the fetch connection (its reply: :meth:`Step.of`).
@@ -92,14 +114,40 @@ class QueueFetch:
                 self.receiver]
 
 
-def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool) -> list[bytes]:
+def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool,
+              only: "list | None" = None) -> list[bytes]:
     """Move everything in ``fetch_list`` back to the head of ``queue`` (oldest first in line).
 
-    With ``forget`` the fetch list is also dropped from the index (its worker is gone).
-    Returns the messages moved. Atomic: each message moves once.
+    With ``forget`` the fetch list is also dropped from the index (its worker is gone). With
+    ``only`` (messages as the fetch list holds them, newest first), just those of them it still
+    holds. Returns the messages moved. Atomic: each message moves once.
     """
+    if only is not None and not only:
+        return []
     return _RETURN(client, keys=[fetch_list, queue, keys.fetch_lists, keys.ready(queue)],
-                   args=["1" if forget else "0"])
+                   args=["1" if forget else "0", *(only or ())])
+
+
+def fetched_of(message) -> str | None:
+    """The message as the fetch list holds it, while only the fetch list does (a kombu message or its
+    properties; None for a message the take script recorded as unacked itself)."""
+    props = getattr(message, "properties", message)
+    return props.get(FETCHED) if isinstance(props, dict) else None
+
+
+def queue_claim(pipe, *, fetch_list: str, delivery_tag: str, message: str, exchange: str, routing_key: str) -> int:
+    """Queue on ``pipe`` the claim of a message the fast take moved to ``fetch_list``: recorded as
+    unacked exactly as kombu records it (``[message, exchange, routing key]``, scored with the
+    time), then removed from the fetch list. Return the replies it adds (3).
+
+    The unacked record goes first, so the message is in one place or both, never in neither; both
+    only until the removal that follows in the same batch of commands (and a message in both can
+    only be delivered twice, never lost: its recorded outcome answers the second delivery).
+    """
+    pipe.zadd(KOMBU_UNACKED_INDEX, {delivery_tag: time.time()})
+    pipe.hset(KOMBU_UNACKED, delivery_tag, f"[{message}, {json.dumps(exchange)}, {json.dumps(routing_key)}]")
+    pipe.lrem(fetch_list, 1, message)
+    return 3
 
 
 def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> list[str]:
@@ -122,3 +170,16 @@ def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> list[str]:
         for item in moved:
             moved_ids.append(task_id_of(parse_queued(item) or {}) or "?")
     return moved_ids
+
+
+def requeue_taken(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, fetched: str | None = None,
+                  owner: str = "") -> Requeue:
+    """Put a message a worker took back at the head of ``queue``: from kombu's unacked copy, its task
+    having claimed it (:func:`onelane.delivery.inflight.requeue_at_head`), or else, for a message the
+    fast take delivered (``fetched``), from the fetch list of worker ``owner``. MOVED, or NOT_HELD
+    when neither holds it any more (acknowledged, or moved back already)."""
+    res = requeue_at_head(client, keys, queue=queue, delivery_tag=delivery_tag, task_id=task_id)
+    if res == NOT_HELD and fetched is not None and give_back(
+            client, keys, fetch_list=keys.fetch_list(queue, owner), queue=queue, forget=False, only=[fetched]):
+        return MOVED
+    return res

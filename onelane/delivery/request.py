@@ -11,6 +11,7 @@ working on it) unless ONELANE_RELEASE_DEAD_HOLDER=1 says the API aborts on disco
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from celery.utils.saferepr import saferepr
@@ -22,9 +23,10 @@ from onelane.coordination.slots import Semaphore
 from onelane.core.clients import client_for
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_kwargs
-from onelane.core.settings import get_settings
+from onelane.core.settings import WORKER_ID_ENV, get_settings
 from onelane.delivery import coalescing
-from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, requeue_at_head
+from onelane.delivery.fetching import fetched_of, requeue_taken
+from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight
 from onelane.delivery.transport import acked_with_outcome
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,8 @@ class HeadRequeueRequest(Request):
                         Lease(client, rec.lease, keys=keys).release(rec.lease_token)
                     log.warning("onelane: released the lease of %s's dead attempt at once "
                                 "(ONELANE_RELEASE_DEAD_HOLDER=1)", self.id)
-            res = requeue_at_head(client, keys, queue=queue, delivery_tag=self.message.delivery_tag,
-                                  task_id=self.id)
+            res = requeue_taken(client, keys, queue=queue, delivery_tag=self.message.delivery_tag, task_id=self.id,
+                                fetched=fetched_of(self.message), owner=os.environ.get(WORKER_ID_ENV, ""))
         except Exception:  # Redis unreachable: fall back to kombu's own requeue (tail)
             log.exception("onelane: could not requeue %s at the head; kombu will requeue it at the tail",
                           self.id)

@@ -8,10 +8,14 @@ the head of its queue and records it as unacked in one script (``lua/fetch_next.
 onto the queue's ready list, coalescing callouts that share a key
 (:mod:`onelane.delivery.coalescing`). When the queue is empty the worker blocks with
 ``BLMOVE q q RIGHT RIGHT`` — a rotation of one, which leaves the message where it is — and
-then absorbs and takes it with the script.
+then absorbs and takes it with the script. While the ready list holds callouts without a
+coalesce key, a take is one plain ``LMOVE`` into the worker's fetch list instead (the *fast
+take*); the task's first Redis step records the message as unacked and takes it off the fetch
+list (:func:`onelane.delivery.fetching.queue_claim`), and an ack or a requeue before that step
+takes it from the fetch list.
 
 Guarantee: at every moment a message is in kombu's list, the ready list, parked or carried
-(coalescing), or in kombu's unacked hash, never nowhere.
+(coalescing), the worker's fetch list, or kombu's unacked hash, never nowhere.
 
 It applies to an onelane worker, which consumes exactly one queue (a lane or the bulk
 queue; the guard refuses more); any other consumer keeps kombu's fetch unchanged. The
@@ -43,7 +47,8 @@ from onelane.core.clients import sentinel_master_view
 from onelane.core.keys import Keys
 from onelane.core.replication import Replicas
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings, sentinel_hosts
-from onelane.delivery.fetching import DRAIN_BUDGET, QueueFetch, Step, give_back
+from onelane.delivery.coalescing import arrival
+from onelane.delivery.fetching import DRAIN_BUDGET, FETCHED, QueueFetch, Step, fetched_of, give_back
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +72,30 @@ def acked_with_outcome(delivery_tag: str) -> None:
 
 class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag):
-        """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove."""
+        """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove,
+        and one the fast take delivered is also removed from the fetch list (if its task never
+        claimed it: bad input, a revoked task)."""
+        fetched = fetched_of(self._delivered.get(delivery_tag))
         try:
             _ACKED_WITH_OUTCOME.remove(delivery_tag)
         except KeyError:
-            return super().ack(delivery_tag)
+            if fetched is None:
+                return super().ack(delivery_tag)
+            pipe = self._remove_from_indices(delivery_tag)
+            pipe.lrem(self.channel.fetch_list_of_plan(), 1, fetched)
+            pipe.execute()
+            return virtual.QoS.ack(self, delivery_tag)
         if self.channel.global_keyprefix:  # kombu's keys are not the ones the outcome removed from
             return super().ack(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
+
+    def restore_by_tag(self, tag, client=None, leftmost=False):
+        """kombu's restore of an unacked message (a requeue, shutdown); one the fast take delivered
+        and its task never claimed goes from the fetch list back to the head of its queue."""
+        fetched = fetched_of(self._delivered.get(tag))
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+        if fetched is not None:
+            self.channel.give_back_fetched([fetched])
 
     def append(self, message, delivery_tag):
         """Record ``message`` as unacked, unless the fetch already did (in its script)."""
@@ -84,6 +105,10 @@ class QoS(kombu_redis.QoS):
         super().append(message, delivery_tag)
 
 
+#: the command a fetch mode sends, whose reply its read parses
+_COMMAND_OF = {"take": "EVALSHA", "fast": "LMOVE", "wait": "BLMOVE"}
+
+
 class LossProofFetch:
     """The fetch of one onelane queue, on top of kombu's Redis channel (plain or Sentinel)."""
 
@@ -91,8 +116,9 @@ class LossProofFetch:
     #: one list per queue: the fetch reads kombu's list of level 0 only
     priority_steps = [0]
 
-    _fetch = None  # (QueueFetch, "take" | "wait") of the command in progress
+    _fetch = None  # (QueueFetch, "take" | "fast" | "wait") of the command in progress
     _wait_next = False  # the last take found the queue empty: block until something arrives
+    _take_fast = False  # the ready list holds more, and the last take had no coalesce key: LMOVE
     _fetch_ready: str | None = None  # fetch list registered (and emptied) by this channel
     _plan: QueueFetch | None = None
     _kept_client = None
@@ -128,6 +154,9 @@ class LossProofFetch:
             # blocks until kombu's list holds a message, and leaves it there: it is taken by the script
             self._fetch = (plan, "wait")
             connection.send_command("BLMOVE", plan.queue, plan.queue, "RIGHT", "RIGHT", timeout or 0)
+        elif self._take_fast:
+            self._fetch = (plan, "fast")
+            connection.send_command(*plan.fast_take_command())
         else:
             self._fetch = (plan, "take")
             connection.send_command(*plan.take_command(self._client()))
@@ -139,8 +168,7 @@ class LossProofFetch:
         self._fetch = None
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, "BLMOVE" if mode == "wait" else "EVALSHA",
-                                                   **options)
+                reply = self.client.parse_response(self.client.connection, _COMMAND_OF[mode], **options)
             except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): load, take again
                 plan.load(self._client())
                 raise Empty() from None
@@ -149,6 +177,8 @@ class LossProofFetch:
                 self._fetch_ready = None  # give anything left in the fetch list back first
                 self._wait_next = False  # and take first: something may have come back meanwhile
                 raise
+            if mode == "fast":
+                return self._deliver_fast(plan, reply)
             if mode == "wait":
                 self._wait_next = False
                 if reply is None:
@@ -176,6 +206,38 @@ class LossProofFetch:
             self._dead_letter_unreadable(self._client(), plan, step.message)
             return True
         payload = loads(bytes_to_str(step.message))
+        self._take_fast = step.ready_left > 0 and not arrival(step.message).key
+        return self._deliver(plan, payload)
+
+    def _deliver_fast(self, plan: QueueFetch, message) -> bool:
+        """Deliver what the fast take moved to the fetch list; its task claims it (its preflight).
+
+        An empty ready list, or a callout with a coalesce key (coalescing is the script's work:
+        the message goes back to the head first), ends the fast takes until the script has taken a
+        callout without a key with more behind it."""
+        if message is None:
+            self._take_fast = False
+            raise Empty()
+        self._queue_cycle.rotate(plan.queue)
+        try:
+            payload = loads(bytes_to_str(message))
+            readable = isinstance(payload["properties"]["delivery_tag"], str)
+        except (ValueError, TypeError, KeyError):
+            readable = False
+        if not readable:  # as the take script judges it: not kombu's envelope
+            self._dead_letter_unreadable(self._client(), plan, message)
+            return True
+        if arrival(message).key:
+            self._take_fast = False
+            give_back(self._client(), Keys(get_settings().key_prefix), fetch_list=plan.fetch_list, queue=plan.queue,
+                      forget=False, only=[message])
+            raise Empty()
+        payload["properties"][FETCHED] = bytes_to_str(message)
+        return self._deliver(plan, payload)
+
+    def _deliver(self, plan: QueueFetch, payload: dict) -> bool:
+        """Hand a taken message to Celery, kombu's bookkeeping in memory only: the take script recorded
+        it as unacked (and a bulk message's receiver), or its task's claim will, in one step."""
         tag = payload["properties"]["delivery_tag"]
         replicas = Replicas.of(get_settings())
         if replicas.needed > 0:  # a take a failover could erase is not acted on
@@ -225,15 +287,37 @@ class LossProofFetch:
         return kept
 
     def _prepare(self, plan: QueueFetch) -> None:
-        """Register this worker's fetch list and give back anything left in it."""
+        """Register this worker's fetch list and give back anything left in it, but for the messages
+        this worker is running (delivered before a reconnect: their tasks claim them)."""
         client = self._client()
         keys = Keys(get_settings().key_prefix)
         client.hset(keys.fetch_lists, plan.fetch_list,
                     json.dumps({"queue": plan.queue, "token": os.environ.get(WORKER_ID_ENV, "")}))
-        moved = give_back(client, keys, fetch_list=plan.fetch_list, queue=plan.queue, forget=False)
+        running = self._fetched_running()
+        only = None
+        if running:
+            only = [m for m in client.lrange(plan.fetch_list, 0, -1) if bytes_to_str(m) not in running]
+        moved = give_back(client, keys, fetch_list=plan.fetch_list, queue=plan.queue, forget=False, only=only)
         if moved:
             log.warning("onelane: gave %d fetched message(s) back to the head of %r", len(moved), plan.queue)
         self._fetch_ready = plan.fetch_list
+        self._take_fast = False
+
+    def _fetched_running(self) -> set:
+        """The messages the fast take delivered to this worker that it has not acknowledged yet."""
+        delivered = getattr(self.qos, "_delivered", None) or {}
+        return {f for f in map(fetched_of, list(delivered.values())) if f is not None}
+
+    def fetch_list_of_plan(self) -> str:
+        """This channel's fetch list (its one queue's)."""
+        return self._plan.fetch_list
+
+    def give_back_fetched(self, messages: list) -> list:
+        """Give these messages back from this worker's fetch list to the head of its queue, those it
+        still holds (a message whose task claimed it meanwhile stays unacked)."""
+        plan = self._plan
+        return give_back(self._client(), Keys(get_settings().key_prefix), fetch_list=plan.fetch_list,
+                         queue=plan.queue, forget=False, only=list(messages))
 
     def _dead_letter_unreadable(self, client, plan: QueueFetch, item: bytes) -> None:
         """A message that is not even kombu's envelope: into the queue's dead letters, never the log."""

@@ -23,7 +23,8 @@
 -- absorb: ARGV[8] n, then n groups of 5 (message, coalesce key or '', task id, batch id or '',
 -- '1' if it must neither carry nor be carried: delivered again, or with an expiry or an ETA):
 -- kombu's n oldest messages, oldest first, exactly as read.
--- Returns {'msg', message} taken and unacked; {'drain', messages newest first} read kombu's list
+-- Returns {'msg', message, n} taken and unacked, n messages left in the ready list (the worker's
+-- next take may be a plain LMOVE from it); {'drain', messages newest first} read kombu's list
 -- first (absorb them); {'empty'} nothing to take; {'bad', message} unreadable, moved to the
 -- fetch list (the caller dead-letters it).
 local QUEUE, READY, UNACKED, UNACKED_INDEX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -147,7 +148,7 @@ local function take()
             if RECEIVER ~= '' then
                 redis.call('HSET', RECEIVERS, tag, RECEIVER)
             end
-            return {'msg', message}
+            return {'msg', message, redis.call('LLEN', READY)}
         end
     end
 end
