@@ -138,6 +138,9 @@ class FragileAPI:
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
+        if len(body) < length:  # the client went away before its request arrived whole (a killed
+            h.close_connection = True  # worker between sending the headers and the body): no call
+            return
         parts = urlsplit(h.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         headers = {k.lower(): v for k, v in h.headers.items()}
