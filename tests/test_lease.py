@@ -264,6 +264,90 @@ def test_fences_never_go_backwards_when_redis_loses_its_data(redis_client):
     assert after > max(fences), (fences, after)
 
 
+# -- the quick grant (plain commands, no script) ------------------------------------------------
+
+def quick(client, token: str, *, ttl_ms: int = 10_000, label: str = "task q", name: str = NAME) -> Grant | None:
+    """One quick try, as the preflight makes it: its commands in one pipeline, then its reply read."""
+    lz = lease(client, name)
+    now_ms = redis_now_ms(client)
+    pipe = client.pipeline(transaction=False)
+    n = lz.queue_quick_acquire(pipe, token, ttl_ms=ttl_ms, label=label, now_ms=now_ms)
+    return lz.quick_reply(token, pipe.execute()[:n], ttl_ms=ttl_ms, now_ms=now_ms)
+
+
+def test_a_quick_grant_is_the_same_lease_with_its_holder_in_its_value(redis_client):
+    # Given a lease whose fencing counter exists (granted once before)
+    lz = lease(redis_client)
+    first = lz.acquire(new_token(), ttl_ms=10_000)
+    lz.release(first.token)
+    redis_client.config_resetstat()
+    # When a quick try finds it free
+    t = new_token()
+    g = quick(redis_client, t, label="task t9")
+    # Then it is granted, with the next fence, no script run, and its holder readable as ever
+    assert isinstance(g, Grant) and g.token == t and g.fence == first.fence + 1 == lz.fence()
+    assert "cmdstat_evalsha" not in redis_client.info("commandstats")
+    h = lz.holder()
+    assert (h.token, h.host, h.pid, h.label) == (t, socket.gethostname(), os.getpid(), "task t9")
+    assert 0 < h.pttl_ms <= 10_000 and abs(h.since_ms - g.now_ms) < 5_000
+    assert index_score(redis_client) == g.deadline_ms
+    # and every script reads it: another token is refused and told who holds it, a renewal and a
+    # release compare its token, and only its token's
+    other = lz.try_acquire(new_token(), ttl_ms=10_000)
+    assert isinstance(other, Holder) and (other.token, other.label, other.pid) == (t, "task t9", os.getpid())
+    with pytest.raises(LeaseNotHeld):
+        lz.renew(new_token(), ttl_ms=10_000)
+    assert lz.renew(t, ttl_ms=20_000) > g.deadline_ms
+    assert lz.release(new_token()) is False and lz.holder().token == t
+    assert lz.release(t) is True and lz.holder() is None and index_score(redis_client) is None
+
+
+def test_a_quick_try_on_a_held_lease_leaves_its_holder_and_index_entry_alone(redis_client):
+    # Given a lease held by another token (granted by the script)
+    lz = lease(redis_client)
+    held = lz.acquire(new_token(), ttl_ms=30_000, label="task holder")
+    score = index_score(redis_client)
+    # When a quick try comes
+    assert quick(redis_client, new_token(), ttl_ms=60_000) is None
+    # Then the holder, its expiry and its index entry stand; the fence only counted up (still growing)
+    h = lz.holder()
+    assert (h.token, h.label) == (held.token, "task holder") and h.pttl_ms <= 30_000
+    assert index_score(redis_client) == score
+    assert lz.fence() == held.fence + 1
+    lz.release(held.token)
+    assert lz.acquire(new_token(), ttl_ms=10_000).fence == held.fence + 2
+
+
+def test_a_quick_try_again_after_a_lost_reply_is_granted_to_the_same_token(redis_client):
+    lz = lease(redis_client)
+    lz.release(lz.acquire(new_token(), ttl_ms=10_000).token)
+    t = new_token()
+    first = quick(redis_client, t)
+    again = quick(redis_client, t)  # the first reply was lost: the same token tries again
+    assert isinstance(again, Grant) and again.token == t and again.fence > first.fence
+    assert lz.holder().token == t
+
+
+def test_a_quick_grant_leaves_a_new_counter_to_the_script_and_fences_never_go_backwards(redis_client):
+    # Given a lease granted quickly a few times
+    lz = lease(redis_client)
+    lz.release(lz.acquire(new_token(), ttl_ms=10_000).token)
+    fences = []
+    for _ in range(3):
+        g = quick(redis_client, new_token())
+        fences.append(g.fence)
+        lz.release(g.token)
+    # When Redis comes back empty (its data lost), and a quick try finds the lease free
+    redis_client.flushdb()
+    time.sleep(0.002)
+    t = new_token()
+    # Then that try counts as not granted, though it holds the lease (its counter started from 1) ...
+    assert quick(redis_client, t) is None and lz.holder().token == t
+    # ... and the script grants it to the same token with the counter started from the Redis clock
+    g = lz.try_acquire(t, ttl_ms=10_000)
+    assert isinstance(g, Grant) and g.fence > max(fences) and lz.fence() == g.fence
+
+
 # -- waiting ------------------------------------------------------------------------------------
 
 def _blocked_on_signal(client, name: str) -> bool:

@@ -14,7 +14,8 @@ from onelane.core.errors import CalloutFailed, CalloutRejected
 from onelane.core.keys import Keys
 from onelane.core.settings import load_settings
 from onelane.coordination.circuit import Circuit
-from onelane.coordination.lease import Lease
+from onelane.coordination.lease import Lease, new_token
+from onelane.core import clock
 from onelane.delivery import flow
 from onelane.delivery.inflight import Inflight
 
@@ -207,23 +208,82 @@ def test_dead_letter_keeps_the_request_and_every_attempt_and_returns_the_error(r
     assert entry["attempts"] == [{"attempt": 1, "status_code": 500}] and entry["kind"] == "failed"
 
 
-def test_preflight_takes_the_serial_lease_ahead_with_the_attempt_in_flight(redis_client, settings):
+@pytest.fixture
+def redis_clock(monkeypatch, redis_client):
+    """Whether this process knows the Redis clock yet: ``"known"`` (its preflights grant a serial lease
+    in plain commands) or ``"unknown"`` (its first preflight: the acquire script, which reads it)."""
+    def set_(state: str) -> None:
+        monkeypatch.setattr(clock, "_offset_ms", None)
+        if state == "known":
+            clock.note_redis_now(clock.redis_now_ms(redis_client))
+    return set_
+
+
+@pytest.mark.parametrize("known", ["known", "unknown"])
+def test_preflight_takes_the_serial_lease_ahead_with_the_attempt_in_flight(redis_client, settings, redis_clock,
+                                                                             known):
+    # Given a lane whose lease was granted before (its fencing counter exists)
+    lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
+    lease.release(lease.acquire(new_token(), ttl_ms=1_000).token)
+    redis_clock(known)
+    redis_client.config_resetstat()
     run = begin(settings)
     check = run.preflight()
-    lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
     # Then the lease was won in the same round trip, and the attempt is recorded on the Redis clock
     assert check.grant is not None and lease.holder().token == check.grant.token == check.token
+    assert lease.holder().label == "task t1" and check.grant.fence == lease.fence()
     rec = Inflight(redis_client, KEYS).get("t1")
     assert rec.lease_token == check.token and rec.attempt == 1
     assert rec.deadline_ms - rec.started_ms == run.timeout_ms + 100
+    assert abs(rec.started_ms - check.redis_ms) < 1_000
+    # (once the process knows the Redis clock, with no script at all)
+    scripts = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert scripts == (0 if known == "known" else 1)
     # ... and the permit uses it without asking again
     with run.permit(check) as attempt:
         assert attempt.grant == check.grant
     assert lease.holder() is None
 
 
+def test_a_new_resources_first_lease_is_counted_by_the_script_from_the_redis_clock(redis_client, settings,
+                                                                                    redis_clock):
+    # Given a process that knows the Redis clock, and a resource never granted (no fencing counter)
+    redis_clock("known")
+    run = begin(settings, resource="brand-new")
+    check = run.preflight()
+    lease = Lease(redis_client, KEYS.resource_lease("brand-new"), keys=KEYS)
+    # Then the quick try took the lease but could not count it: not a grant yet
+    assert check.grant is None and lease.holder().token == check.token
+    # When the permit is asked for, the script grants it to the same token, its fence from the Redis clock
+    with run.permit(check) as attempt:
+        assert attempt.grant.token == check.token
+        assert attempt.grant.fence == lease.fence() > check.redis_ms * 1000 - 10**9
+    assert lease.holder() is None
+
+
+def test_a_preflight_corrects_the_attempt_number_it_wrote_before_reading_the_count(redis_client, settings,
+                                                                                   redis_clock):
+    # Given a callout delivered again after two failed attempts (a worker that made them was killed)
+    redis_clock("known")
+    ledger = Ledger(redis_client, KEYS, window_s=60)
+    for n in (1, 2):
+        ledger.add_attempt("t1", {"attempt": n, "status_code": 500})
+    # When its run's first preflight writes the in-flight record with the lease, in one round trip
+    check = begin(settings).preflight()
+    # Then the attempt is the third, in the check and in the record
+    assert check.attempt == 3 and Inflight(redis_client, KEYS).get("t1").attempt == 3
+
+
+@pytest.mark.parametrize("known", ["known", "unknown"])
+@pytest.mark.parametrize("counted", [True, False])
 @pytest.mark.parametrize("why", ["paused", "done", "circuit"])
-def test_preflight_gives_back_what_it_took_ahead_when_the_attempt_cannot_start(redis_client, settings, why):
+def test_preflight_gives_back_what_it_took_ahead_when_the_attempt_cannot_start(redis_client, settings, redis_clock,
+                                                                               why, counted, known):
+    # (with a fencing counter or a new one: a quick try then holds the lease without a grant)
+    redis_clock(known)
+    if counted:
+        lease = Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS)
+        lease.release(lease.acquire(new_token(), ttl_ms=1_000).token)
     if why == "paused":
         flow.pause(redis_client, KEYS, "serial")
     elif why == "done":

@@ -29,6 +29,7 @@ from onelane.coordination.rate import RateLimiter
 from onelane.coordination.slots import Semaphore, SlotGrant
 from onelane.core import counters
 from onelane.core.keys import Keys
+from onelane.core.clock import estimated_redis_now_ms
 from onelane.core.limits import Limit
 from onelane.core.replication import Replicas
 from onelane.core.settings import MAX_CALLOUT_TIMEOUT_S
@@ -68,6 +69,9 @@ class Permit(Protocol):
     def release(self, grant: Grant, *, pipe=None) -> None:
         """Free the permit if ``grant`` still holds it (queued on ``pipe`` when given)."""
 
+    def release_try(self, token: str, *, pipe) -> None:
+        """Queue on ``pipe`` the release of whatever a try ahead with ``token`` holds without a grant."""
+
 
 class SerialPermit:
     """The resource's one lease: one attempt at a time across every worker and host."""
@@ -80,16 +84,31 @@ class SerialPermit:
         self.inflight = inflight
         self.replicas = replicas
         self.wait_ms = wait_ms + wait_grace_ms
+        #: (estimated Redis now, ttl) of the try ahead in plain commands; None: by the script
+        self._quick: tuple[int, int] | None = None
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         # Usually the lease is free: the grant and the in-flight record travel with the
-        # preflight's reads (one round trip for everything before the attempt).
-        # (the in-flight record is written by the grant's own script, granted or not)
-        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
-        self.lease.queue_acquire(pipe, token, ttl_ms=ttl_ms, label=f"task {record.task_id}", stamp=stamp)
-        return 1
+        # preflight's reads (one round trip for everything before the attempt), written granted
+        # or not. In plain commands once this process knows the Redis clock (the record's start and
+        # deadline are estimates on it, the deadline late on purpose); before that, by the acquire
+        # script, which reads the clock itself.
+        label = f"task {record.task_id}"
+        now_ms = estimated_redis_now_ms()
+        self._quick = None if now_ms is None else (now_ms, ttl_ms)
+        if now_ms is None:
+            stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+            self.lease.queue_acquire(pipe, token, ttl_ms=ttl_ms, label=label, stamp=stamp)
+            return 1
+        n = self.lease.queue_quick_acquire(pipe, token, ttl_ms=ttl_ms, label=label, now_ms=now_ms)
+        self.inflight.record(replace(record, lease=self.lease.name, lease_token=token, fence=0, started_ms=now_ms,
+                                     deadline_ms=now_ms + timeout_ms + _EARLY_DEADLINE_SLACK_MS), pipe=pipe)
+        return n + 2
 
     def speculated(self, replies, *, token):
+        if self._quick is not None:
+            now_ms, ttl_ms = self._quick
+            return self.lease.quick_reply(token, replies[:4], ttl_ms=ttl_ms, now_ms=now_ms)
         got = self.lease.acquire_reply(token, replies[0])
         return got if isinstance(got, Grant) else None
 
@@ -119,6 +138,11 @@ class SerialPermit:
 
     def release(self, grant, *, pipe=None):
         self.lease.release(grant.token, pipe=pipe)
+
+    def release_try(self, token, *, pipe):
+        # a quick try that found a new fencing counter holds the lease, uncounted (the script counts it)
+        if self._quick is not None:
+            self.lease.release(token, pipe=pipe)
 
 
 class SlotPermit:
@@ -195,6 +219,9 @@ class SlotPermit:
 
     def release(self, grant, *, pipe=None):
         self.slots.release(grant, pipe=pipe)
+
+    def release_try(self, token, *, pipe):
+        pass  # a refused try for a slot holds none
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,

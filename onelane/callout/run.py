@@ -42,7 +42,7 @@ from onelane.coordination.circuit import Circuit, CircuitState
 from onelane.coordination.lease import Grant, new_token
 from onelane.core.clients import client_for, ride_out
 from onelane.core import counters
-from onelane.core.clock import redis_now_ms, time_ms
+from onelane.core.clock import note_redis_now, redis_now_ms, time_ms
 from onelane.core.errors import CalloutFailed, CalloutRejected, EgressRefused, LeaseBusy, ValidationError
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_url
@@ -173,6 +173,9 @@ class CalloutRun:
                                           self.inflight, lease_grace_ms=s.lease_grace_ms, replicas=self.replicas)
         self.egress = EgressPolicy(s.allowed_hosts, s.allow_private_networks)
         self._first_read = True
+        #: the number the next attempt should have (its in-flight record may be written before the
+        #: preflight reads how many attempts finished: the number is checked then)
+        self._next_attempt = 1
         #: a message the fast take delivered waits in the worker's fetch list for the preflight's claim
         self._unclaimed = delivery.fetched is not None and bool(delivery.delivery_tag and delivery.owner)
         self._said_circuit_open = False
@@ -215,7 +218,7 @@ class CalloutRun:
 
     def _preflight(self, token: str) -> Preflight:
         d, s = self.delivery, self.settings
-        record = self._record(attempt=0)
+        record = self._record(attempt=self._next_attempt)
         pipe = self.client.pipeline(transaction=False)
         claimed = 0
         if self._unclaimed:  # first of all: the message is unacked before anything is in flight
@@ -247,6 +250,7 @@ class CalloutRun:
             first += 1
         grant = self.permits.speculated(replies[first:first + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
+        note_redis_now(redis_ms)
         prior = None
         if self._first_read:
             self._first_read = False
@@ -254,21 +258,28 @@ class CalloutRun:
         check = Preflight(prior=prior, attempt=int(finished) + 1, paused=bool(paused),
                           circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
                           read_at=self.clock.monotonic(), token=token, grant=grant, recorded=bool(ahead))
+        self._next_attempt = check.attempt
         if ahead and (prior is not None or check.attempt > self.policy.max_attempts or check.paused
                       or check.circuit.blocked_for_ms):
             self._give_back_ahead(check)
-        elif waited and grant is not None and not self.replicas.confirmed(replies[-waited:]):
+            return check
+        if waited and grant is not None and not self.replicas.confirmed(replies[-waited:]):
             self._give_back_ahead(check)
             self.replicas.resync(self.client)
             raise NotReplicated(f"the grant of {self.resource!r}", self.replicas.confirmations(replies[-waited:]),
                                 self.replicas.needed)
+        if ahead and check.attempt != record.attempt:  # more attempts finished than this run knew of
+            self.inflight.set_attempt(self.task_id, check.attempt)
         return check
 
     def _give_back_ahead(self, check: Preflight) -> None:
-        """Release a lease won ahead, and drop the in-flight record written with it."""
+        """Release a lease won ahead (or held by the try without a grant), and drop the in-flight
+        record written with it."""
         pipe = self.client.pipeline(transaction=True)
         if check.grant is not None:
             self.permits.release(check.grant, pipe=pipe)
+        else:
+            self.permits.release_try(check.token, pipe=pipe)
         self.inflight.forget(self.task_id, self.delivery.queue, pipe=pipe)
         pipe.execute()
         check.grant = None
@@ -460,6 +471,7 @@ class CalloutRun:
             pipe.execute()
 
         self._redis(keep)
+        self._next_attempt = attempt.number + 1
         if verdict.api_up is None:
             return
         after = self._redis(lambda: self.circuit.record(ok=verdict.api_up, task_id=self.task_id))

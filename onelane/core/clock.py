@@ -1,6 +1,11 @@
 """Time on the Redis server's clock: every deadline onelane stores is in these milliseconds."""
 from __future__ import annotations
 
+import time
+
+#: Redis's clock minus this process's monotonic clock (ms), as last read; None until first read
+_offset_ms: float | None = None
+
 
 def redis_now_ms(client) -> int:
     """Now on the Redis server's clock, in ms."""
@@ -11,3 +16,17 @@ def time_ms(reply) -> int:
     """A Redis TIME reply (seconds, microseconds), e.g. from a pipeline, in ms."""
     sec, usec = reply
     return int(sec) * 1000 + int(usec) // 1000
+
+
+def note_redis_now(redis_ms: int) -> None:
+    """Remember a Redis clock reading just received (so later writes can estimate the Redis clock
+    without asking: :func:`estimated_redis_now_ms`). The reading is a little old when it arrives,
+    so estimates run early by about half a round trip."""
+    global _offset_ms
+    _offset_ms = redis_ms - time.monotonic() * 1000
+
+
+def estimated_redis_now_ms() -> int | None:
+    """Now on the Redis clock as estimated from this process's last reading; None before any."""
+    offset = _offset_ms
+    return None if offset is None else int(time.monotonic() * 1000 + offset)

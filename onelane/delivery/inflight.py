@@ -112,6 +112,10 @@ class Inflight:
         return Stamp(self.keys.inflight(rec.task_id), self.keys.inflight_index(rec.queue), rec.task_id,
                      int(due_in_ms), tuple(fields), attempts_key=self.keys.attempts(rec.task_id))
 
+    def set_attempt(self, task_id: str, attempt: int) -> None:
+        """Correct the attempt number of a record written before the count of finished attempts was read."""
+        self.client.hset(self.keys.inflight(task_id), "attempt", int(attempt))
+
     def get(self, task_id: str) -> InflightRecord | None:
         h = self.client.hgetall(self.keys.inflight(task_id))
         return InflightRecord.from_redis(h) if h else None

@@ -1,8 +1,10 @@
 -- Grant a lease if it is free (or already ours, or held by a token we may steal).
--- KEYS[1] lease key (string: owner token, with an expiry)
+-- KEYS[1] lease key (string with an expiry: the owner's token; or, written by a quick grant without
+--         this script, the token followed by lines naming the holder: token, host, pid, since, label)
 -- KEYS[2] holder hash (who holds it: token, host, pid, label, since, renewed, deadline)
--- KEYS[3] fencing counter (incremented on every new grant; a new one starts at the Redis
---         clock in microseconds, so tokens never go backwards, even after Redis lost its data)
+-- KEYS[3] fencing counter (incremented on every new grant; one below FENCE_FLOOR — new, or
+--         Redis came back without its data and a quick grant counted it up from 1 — starts again at
+--         the Redis clock in microseconds, so tokens never go backwards)
 -- KEYS[4] lease index (sorted set: lease name -> deadline, ms on the Redis clock)
 -- ARGV[1] token of the caller
 -- ARGV[2] ttl in ms (the lease expires this long after the grant)
@@ -18,11 +20,19 @@
 -- started_ms, deadline_ms and attempt.
 -- Returns {1, fence, deadline_ms, now_ms} when granted (a re-grant to the same
 -- token keeps its fence), else {0, pttl_ms, token, host, pid, label, renewed_ms, since_ms, now_ms}.
+-- every counter seeded from a clock in microseconds since 1970 is above this (2001-09-09)
+local FENCE_FLOOR = 1e15
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local deadline = now + ttl
 local current = redis.call('GET', KEYS[1])
+-- the holder's token, and what a quick grant wrote of its holder in the same value
+local holder, q_host, q_pid, q_since, q_label
+if current then
+    holder, q_host, q_pid, q_since, q_label = string.match(current, '^([^\n]*)\n([^\n]*)\n([^\n]*)\n([^\n]*)\n(.*)$')
+    holder = holder or current
+end
 local fence
 
 local function stamp(granted_fence)
@@ -40,27 +50,30 @@ local function stamp(granted_fence)
     redis.call('ZADD', KEYS[6], due, ARGV[9])
 end
 
-if current == ARGV[1] then
+if holder == ARGV[1] then
     fence = tonumber(redis.call('GET', KEYS[3]) or '0')
-elseif current == false or (ARGV[8] ~= '' and current == ARGV[8]) then
+elseif current == false or (ARGV[8] ~= '' and holder == ARGV[8]) then
     fence = redis.call('INCR', KEYS[3])
-    if fence == 1 then
-        -- a counter that did not exist (a new lease, or Redis came back without its data)
-        -- starts from the Redis clock in microseconds: above every token granted before
-        redis.call('SET', KEYS[3], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
-        fence = redis.call('INCR', KEYS[3])
-    end
 else
     stamp(0)
     local h = redis.call('HMGET', KEYS[2], 'host', 'pid', 'label', 'renewed', 'since')
-    return {0, redis.call('PTTL', KEYS[1]), current, h[1] or '', h[2] or '', h[3] or '',
+    if q_host then
+        h = {q_host, q_pid, q_label, h[4] or q_since, q_since}
+    end
+    return {0, redis.call('PTTL', KEYS[1]), holder, h[1] or '', h[2] or '', h[3] or '',
             tonumber(h[4] or '0'), tonumber(h[5] or '0'), now}
+end
+if fence < FENCE_FLOOR then
+    -- a counter that did not exist (a new lease, or Redis came back without its data) starts
+    -- from the Redis clock in microseconds: above every token granted before
+    redis.call('SET', KEYS[3], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
+    fence = redis.call('INCR', KEYS[3])
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 local since = ARGV[6]
 if since == '' then since = tostring(now) end
-if current == ARGV[1] then
-    since = redis.call('HGET', KEYS[2], 'since') or since
+if holder == ARGV[1] then
+    since = redis.call('HGET', KEYS[2], 'since') or q_since or since
 end
 -- every field is written, so no earlier holder's field survives (no DEL needed)
 redis.call('HSET', KEYS[2], 'token', ARGV[1], 'host', ARGV[3], 'pid', ARGV[4], 'label', ARGV[5],

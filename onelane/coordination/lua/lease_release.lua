@@ -4,7 +4,9 @@
 -- ARGV[1] token of the caller, ARGV[2] lease name, ARGV[3] signal ttl in ms
 -- ARGV[4] (a slot only) the slot's number
 -- Returns 1 when released, 0 when the token did not hold the lease.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+-- the value is the token, or the token and lines naming the holder (a quick grant)
+local current = redis.call('GET', KEYS[1])
+if not current or string.match(current, '^[^\n]*') ~= ARGV[1] then
     return 0
 end
 redis.call('DEL', KEYS[1], KEYS[2])

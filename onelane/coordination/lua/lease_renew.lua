@@ -3,7 +3,9 @@
 -- ARGV[1] token of the caller, ARGV[2] new ttl in ms, ARGV[3] lease name
 -- KEYS[4], ARGV[4] (a slot only) its semaphore's slot set and the slot's number: its deadline follows
 -- Returns {1, deadline_ms} when renewed, {0, current token or ''} when not held.
+-- the value is the token, or the token and lines naming the holder (a quick grant)
 local current = redis.call('GET', KEYS[1])
+current = current and string.match(current, '^[^\n]*')
 if current ~= ARGV[1] then
     return {0, current or ''}
 end
