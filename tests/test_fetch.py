@@ -411,3 +411,29 @@ def test_the_heartbeat_looks_before_it_moves_retries_and_prioritised_messages(re
     assert not flow.pending_moves(redis_client, KEYS, QUEUE).prioritised
     redis_client.lpush(KEYS.priority_list(QUEUE, 5), b"{}")
     assert flow.pending_moves(redis_client, KEYS, QUEUE).prioritised
+
+
+@pytest.mark.redis
+def test_a_reconnect_gives_the_fetch_list_back_but_for_messages_tasks_may_still_claim(redis_client, celery_app):
+    from types import SimpleNamespace
+
+    from onelane.delivery import transport
+
+    # Given a worker that took three messages by fast takes: one it handed to a task still running
+    # (not claimed yet), two left behind (say its fetch stopped before handing them over)
+    f = fetcher(token="w1")
+    ids = [publish(celery_app) for _ in range(4)]
+    take(redis_client, f)
+    running, left1, left2 = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    tag = json.loads(running)["properties"]["delivery_tag"]
+    transport._running_fetched(tag, running.decode())
+    try:
+        # When it reconnects (the fetch list is prepared again)
+        channel = SimpleNamespace(_client=lambda: redis_client)
+        transport.LossProofFetch._prepare(channel, f)
+        # Then the two go back to the head, oldest first; the running one stays for its task's claim
+        assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids[2:]
+        assert redis_client.lrange(f.fetch_list, 0, -1) == [running]
+        assert channel._fetch_ready == f.fetch_list and channel._take_fast is False
+    finally:
+        transport._RUNNING_FETCHED.pop(tag, None)

@@ -318,14 +318,25 @@ def test_a_quick_try_on_a_held_lease_leaves_its_holder_and_index_entry_alone(red
     assert lz.acquire(new_token(), ttl_ms=10_000).fence == held.fence + 2
 
 
-def test_a_quick_try_again_after_a_lost_reply_is_granted_to_the_same_token(redis_client):
+def test_a_quick_try_again_after_a_lost_reply_leaves_the_grant_to_the_script_which_sets_the_expiry_anew(
+        redis_client):
     lz = lease(redis_client)
     lz.release(lz.acquire(new_token(), ttl_ms=10_000).token)
     t = new_token()
-    first = quick(redis_client, t)
-    again = quick(redis_client, t)  # the first reply was lost: the same token tries again
+    first = quick(redis_client, t, ttl_ms=1_000)
+    time.sleep(0.3)
+    # the first reply was lost: the same token tries again, a while later
+    lz_name = KEYS.lease(NAME)
+    pipe = redis_client.pipeline(transaction=False)
+    n = lz.queue_quick_acquire(pipe, t, ttl_ms=1_000, label="task q", now_ms=redis_now_ms(redis_client))
+    replies = pipe.execute()[:n]
+    # Then it holds the lease but counts no grant: its expiry still runs from the first try ...
+    assert lz.quick_reply(t, replies, ttl_ms=1_000, now_ms=0) is None and Lease.quick_held(t, replies)
+    assert redis_client.pttl(lz_name) <= 700
+    # ... and the script grants it to the same token, with a whole new expiry and a higher fence
+    again = lz.try_acquire(t, ttl_ms=1_000)
     assert isinstance(again, Grant) and again.token == t and again.fence > first.fence
-    assert lz.holder().token == t
+    assert redis_client.pttl(lz_name) > 900 and lz.holder().token == t
 
 
 def test_a_quick_grant_leaves_a_new_counter_to_the_script_and_fences_never_go_backwards(redis_client):

@@ -72,6 +72,11 @@ class Permit(Protocol):
     def release_try(self, token: str, *, pipe) -> None:
         """Queue on ``pipe`` the release of whatever a try ahead with ``token`` holds without a grant."""
 
+    @property
+    def stamps_attempt(self) -> bool:
+        """Whether the try ahead numbered the attempt in its in-flight record itself (from the count
+        of finished attempts, read in the same step) rather than taking the run's expectation."""
+
 
 class SerialPermit:
     """The resource's one lease: one attempt at a time across every worker and host."""
@@ -86,6 +91,8 @@ class SerialPermit:
         self.wait_ms = wait_ms + wait_grace_ms
         #: (estimated Redis now, ttl) of the try ahead in plain commands; None: by the script
         self._quick: tuple[int, int] | None = None
+        #: the try ahead holds the lease but won no grant: the acquire script grants it (or a give-back frees it)
+        self._held_ungranted = False
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         # Usually the lease is free: the grant and the in-flight record travel with the
@@ -106,11 +113,18 @@ class SerialPermit:
         return n + 2
 
     def speculated(self, replies, *, token):
+        self._held_ungranted = False
         if self._quick is not None:
             now_ms, ttl_ms = self._quick
-            return self.lease.quick_reply(token, replies[:4], ttl_ms=ttl_ms, now_ms=now_ms)
+            got = self.lease.quick_reply(token, replies[:4], ttl_ms=ttl_ms, now_ms=now_ms)
+            self._held_ungranted = got is None and self.lease.quick_held(token, replies[:4])
+            return got
         got = self.lease.acquire_reply(token, replies[0])
         return got if isinstance(got, Grant) else None
+
+    @property
+    def stamps_attempt(self) -> bool:
+        return self._quick is None  # the script counted the attempt; plain commands wrote the run's
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms, recorded=False):
         # (a busy lease is rare, after a kill: the record is written whole again either way)
@@ -140,8 +154,8 @@ class SerialPermit:
         self.lease.release(grant.token, pipe=pipe)
 
     def release_try(self, token, *, pipe):
-        # a quick try that found a new fencing counter holds the lease, uncounted (the script counts it)
-        if self._quick is not None:
+        # a quick try may hold the lease without a grant (a new counter, or a try again of its own)
+        if self._held_ungranted:
             self.lease.release(token, pipe=pipe)
 
 
@@ -222,6 +236,8 @@ class SlotPermit:
 
     def release_try(self, token, *, pipe):
         pass  # a refused try for a slot holds none
+
+    stamps_attempt = True  # the slot's script counts it
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,

@@ -250,7 +250,8 @@ class CalloutRun:
             first += 1
         grant = self.permits.speculated(replies[first:first + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
-        note_redis_now(redis_ms)
+        if not waited:  # a reading that waited for replicas is too old to estimate the clock by
+            note_redis_now(redis_ms)
         prior = None
         if self._first_read:
             self._first_read = False
@@ -268,8 +269,8 @@ class CalloutRun:
             self.replicas.resync(self.client)
             raise NotReplicated(f"the grant of {self.resource!r}", self.replicas.confirmations(replies[-waited:]),
                                 self.replicas.needed)
-        if ahead and check.attempt != record.attempt:  # more attempts finished than this run knew of
-            self.inflight.set_attempt(self.task_id, check.attempt)
+        if ahead and not self.permits.stamps_attempt and check.attempt != record.attempt:
+            self.inflight.set_attempt(self.task_id, check.attempt)  # more attempts finished than it knew of
         return check
 
     def _give_back_ahead(self, check: Preflight) -> None:

@@ -41,7 +41,8 @@ _RELEASE = LuaScript(__package__, "lease_release")
 _REAP = LuaScript(__package__, "lease_reap")
 
 #: every fencing counter starts from a clock in microseconds since 1970, so it is above this
-#: (2001-09-09): a counter below it was counted up from nothing (new, or Redis lost its data)
+#: (2001-09-09): a counter below it was counted up from nothing (new, or Redis lost its data).
+#: lua/lease_acquire.lua and lua/semaphore_acquire.lua hold the same number.
 FENCE_FLOOR = 10**15
 #: how long a release signal waits for a waiter before it expires
 _SIGNAL_TTL_MS = 10_000
@@ -212,15 +213,21 @@ class Lease:
         return 4
 
     def quick_reply(self, token: str, replies, *, ttl_ms: int, now_ms: int) -> Grant | None:
-        """The :class:`Grant` a quick acquire won, or None: the lease is held by another token, or
-        its fencing counter was below the floor (new, or Redis lost its data) — then the acquire
-        script must grant it (to the same token, if this one was granted): it starts the counter
-        from the Redis clock, so no token goes backwards."""
-        was_set, value, fence, _indexed = replies
-        ours = bool(was_set) or (value is not None and _quick_holder(text(value))["token"] == token)
-        if not ours or int(fence) < FENCE_FLOOR:
+        """The :class:`Grant` a quick acquire won, or None: the lease is held by another token; or
+        by this one already (an earlier try whose reply was lost: its expiry runs from then); or its
+        fencing counter was below the floor (new, or Redis lost its data). In the last two the
+        acquire script grants it to the same token (see :meth:`quick_held`): it sets the expiry
+        anew and starts the counter from the Redis clock, so no token goes backwards."""
+        was_set, _value, fence, _indexed = replies
+        if not was_set or int(fence) < FENCE_FLOOR:
             return None
         return Grant(self.name, token, int(fence), int(now_ms) + int(ttl_ms), int(now_ms))
+
+    @staticmethod
+    def quick_held(token: str, replies) -> bool:
+        """Whether ``token`` holds the lease after a quick acquire (granted or not)."""
+        was_set, value, _fence, _indexed = replies
+        return bool(was_set) or (value is not None and _quick_holder(text(value))["token"] == token)
 
     def acquire_reply(self, token: str, reply) -> Grant | Holder:
         """The :class:`Grant` or :class:`Holder` a queued acquire answered."""

@@ -5,6 +5,10 @@ import time
 
 #: Redis's clock minus this process's monotonic clock (ms), as last read; None until first read
 _offset_ms: float | None = None
+#: when it was read (monotonic s)
+_noted_at = 0.0
+#: an estimate from a reading older than this is not made (clocks drift, a failover changes hosts)
+ESTIMATE_MAX_AGE_S = 10.0
 
 
 def redis_now_ms(client) -> int:
@@ -22,11 +26,15 @@ def note_redis_now(redis_ms: int) -> None:
     """Remember a Redis clock reading just received (so later writes can estimate the Redis clock
     without asking: :func:`estimated_redis_now_ms`). The reading is a little old when it arrives,
     so estimates run early by about half a round trip."""
-    global _offset_ms
-    _offset_ms = redis_ms - time.monotonic() * 1000
+    global _offset_ms, _noted_at
+    _noted_at = time.monotonic()
+    _offset_ms = redis_ms - _noted_at * 1000
 
 
 def estimated_redis_now_ms() -> int | None:
-    """Now on the Redis clock as estimated from this process's last reading; None before any."""
-    offset = _offset_ms
-    return None if offset is None else int(time.monotonic() * 1000 + offset)
+    """Now on the Redis clock as estimated from this process's last reading; None before any, or
+    when that reading is older than ESTIMATE_MAX_AGE_S."""
+    offset, now = _offset_ms, time.monotonic()
+    if offset is None or now - _noted_at > ESTIMATE_MAX_AGE_S:
+        return None
+    return int(now * 1000 + offset)

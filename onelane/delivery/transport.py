@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 #: delivery tags about to be acknowledged whose unacked copy went with their outcome (one transaction)
 _ACKED_WITH_OUTCOME: set = set()
+#: the messages the fast take handed to this process's tasks (delivery tag -> the message as the
+#: fetch list holds it) until they are acknowledged or rejected: neither a reconnect nor a channel's
+#: restore gives one of them back to the queue, since its task may claim it at any moment (the
+#: reaper gives them back if this worker dies)
+_RUNNING_FETCHED: dict = {}
 #: a bound on that set, should acks it waits for never come (a lost connection): past it, it is
 #: emptied, and those acks go the usual way (a removal that finds nothing)
 _ACKED_WITH_OUTCOME_MAX = 10_000
@@ -70,31 +75,55 @@ def acked_with_outcome(delivery_tag: str) -> None:
     _ACKED_WITH_OUTCOME.add(delivery_tag)
 
 
+def _running_fetched(delivery_tag: str, message: str) -> None:
+    """Note a message the fast take hands to a task (bounded as the set above: past the bound it is
+    emptied, and a reconnect may then give back a message whose task still runs, at worst a
+    delivery its recorded outcome answers)."""
+    if len(_RUNNING_FETCHED) >= _ACKED_WITH_OUTCOME_MAX:
+        _RUNNING_FETCHED.clear()
+    _RUNNING_FETCHED[delivery_tag] = message
+
+
 class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag):
         """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove,
         and one the fast take delivered is also removed from the fetch list (if its task never
         claimed it: bad input, a revoked task)."""
-        fetched = fetched_of(self._delivered.get(delivery_tag))
+        fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
         try:
             _ACKED_WITH_OUTCOME.remove(delivery_tag)
         except KeyError:
             if fetched is None:
                 return super().ack(delivery_tag)
-            pipe = self._remove_from_indices(delivery_tag)
-            pipe.lrem(self.channel.fetch_list_of_plan(), 1, fetched)
-            pipe.execute()
+            self._remove_taken(delivery_tag, fetched)
             return virtual.QoS.ack(self, delivery_tag)
         if self.channel.global_keyprefix:  # kombu's keys are not the ones the outcome removed from
             return super().ack(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
+    def reject(self, delivery_tag, requeue=False):
+        """kombu's reject; a message the fast take delivered is over for its task: requeued, from the
+        fetch list if its task never claimed it, or else removed from it as an ack does."""
+        fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
+        if fetched is None or requeue:
+            return super().reject(delivery_tag, requeue=requeue)
+        self._remove_taken(delivery_tag, fetched)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _remove_taken(self, delivery_tag, fetched: str) -> None:
+        """kombu's removal of the unacked copy, and the fetch list's copy with it (one transaction)."""
+        pipe = self._remove_from_indices(delivery_tag)
+        pipe.lrem(self.channel.fetch_list, 1, fetched)
+        pipe.execute()
+
     def restore_by_tag(self, tag, client=None, leftmost=False):
-        """kombu's restore of an unacked message (a requeue, shutdown); one the fast take delivered
-        and its task never claimed goes from the fetch list back to the head of its queue."""
+        """kombu's restore of an unacked message (a requeue, a closing channel, the visibility
+        timeout); a message the fast take delivered whose task has ended and never claimed it goes
+        from the fetch list back to the head of its queue. One whose task may still claim it stays
+        (kombu restores claimed copies its own way: ``leftmost``, the tail)."""
         fetched = fetched_of(self._delivered.get(tag))
         super().restore_by_tag(tag, client=client, leftmost=leftmost)
-        if fetched is not None:
+        if fetched is not None and tag not in _RUNNING_FETCHED:
             self.channel.give_back_fetched([fetched])
 
     def append(self, message, delivery_tag):
@@ -232,8 +261,14 @@ class LossProofFetch:
             give_back(self._client(), Keys(get_settings().key_prefix), fetch_list=plan.fetch_list, queue=plan.queue,
                       forget=False, only=[message])
             raise Empty()
-        payload["properties"][FETCHED] = bytes_to_str(message)
-        return self._deliver(plan, payload)
+        payload["properties"][FETCHED] = fetched = bytes_to_str(message)
+        tag = payload["properties"]["delivery_tag"]
+        _running_fetched(tag, fetched)
+        try:
+            return self._deliver(plan, payload)
+        except BaseException:  # not handed over: it goes back with the fetch list's next give-back
+            _RUNNING_FETCHED.pop(tag, None)
+            raise
 
     def _deliver(self, plan: QueueFetch, payload: dict) -> bool:
         """Hand a taken message to Celery, kombu's bookkeeping in memory only: the take script recorded
@@ -288,12 +323,12 @@ class LossProofFetch:
 
     def _prepare(self, plan: QueueFetch) -> None:
         """Register this worker's fetch list and give back anything left in it, but for the messages
-        this worker is running (delivered before a reconnect: their tasks claim them)."""
+        this worker's tasks may still claim (delivered before a reconnect)."""
         client = self._client()
         keys = Keys(get_settings().key_prefix)
         client.hset(keys.fetch_lists, plan.fetch_list,
                     json.dumps({"queue": plan.queue, "token": os.environ.get(WORKER_ID_ENV, "")}))
-        running = self._fetched_running()
+        running = set(_RUNNING_FETCHED.values())
         only = None
         if running:
             only = [m for m in client.lrange(plan.fetch_list, 0, -1) if bytes_to_str(m) not in running]
@@ -303,12 +338,8 @@ class LossProofFetch:
         self._fetch_ready = plan.fetch_list
         self._take_fast = False
 
-    def _fetched_running(self) -> set:
-        """The messages the fast take delivered to this worker that it has not acknowledged yet."""
-        delivered = getattr(self.qos, "_delivered", None) or {}
-        return {f for f in map(fetched_of, list(delivered.values())) if f is not None}
-
-    def fetch_list_of_plan(self) -> str:
+    @property
+    def fetch_list(self) -> str:
         """This channel's fetch list (its one queue's)."""
         return self._plan.fetch_list
 
@@ -339,8 +370,9 @@ class LossProofFetch:
 
 
 def receipt_recorded(message) -> bool:
-    """True while onelane's fetch delivers ``message`` (a kombu message) and its take recorded the
-    receiving worker already (the bulk queue): nothing more to write on receipt."""
+    """True while onelane's fetch delivers ``message`` (a kombu message) of the bulk queue: its take
+    recorded the receiving worker already, or (the fast take) its claim will, with the unacked
+    record; till then the worker's fetch list says whose it is. Nothing more to write on receipt."""
     transport = getattr(getattr(message, "channel", None), "connection", None)
     tag = getattr(message, "delivery_tag", None)
     return tag is not None and getattr(transport, "onelane_receipt", None) == tag

@@ -20,7 +20,8 @@
 -- started_ms, deadline_ms and attempt.
 -- Returns {1, fence, deadline_ms, now_ms} when granted (a re-grant to the same
 -- token keeps its fence), else {0, pttl_ms, token, host, pid, label, renewed_ms, since_ms, now_ms}.
--- every counter seeded from a clock in microseconds since 1970 is above this (2001-09-09)
+-- every counter seeded from a clock in microseconds since 1970 is above this (2001-09-09; lease.py
+-- and semaphore_acquire.lua hold the same number)
 local FENCE_FLOOR = 1e15
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -138,9 +138,10 @@ if not free then
     return busy
 end
 local fence = redis.call('INCR', KEYS[1])
-if fence == 1 then
-    -- a counter that did not exist (a new resource, or Redis came back without its data) starts
-    -- from the Redis clock in microseconds: above every token granted before (see lease_acquire.lua)
+if fence < 1e15 then
+    -- a counter that did not exist (a new resource, or Redis came back without its data, and a
+    -- lease's quick tries counted it up from 1) starts from the Redis clock in microseconds: above
+    -- every token granted before (see lease_acquire.lua, FENCE_FLOOR)
     redis.call('SET', KEYS[1], t[1] .. string.rep('0', 6 - string.len(t[2])) .. t[2])
     fence = redis.call('INCR', KEYS[1])
 end
