@@ -47,6 +47,15 @@ def id_of(message: bytes) -> str:
     return json.loads(message)["headers"]["id"]
 
 
+def fast_takes(client, app, taken: int, *, published: int | None = None, token: str = "t1"):
+    """A worker's fetch whose script took the first of ``published`` messages (the rest to the ready
+    list), then ``taken`` fast takes; returns (the fetch, the ids published, the messages taken)."""
+    f = fetcher(token=token)
+    ids = [publish(app) for _ in range(published or taken + 1)]
+    take(client, f)
+    return f, ids, [client.execute_command(*f.fast_take_command()) for _ in range(taken)]
+
+
 def take_all(client, f: QueueFetch) -> list[bytes]:
     out = []
     while (step := take(client, f)).kind == "msg":
@@ -162,10 +171,7 @@ def test_a_fast_take_holds_the_message_in_the_fetch_list_until_its_claim_records
 @pytest.mark.redis
 def test_a_give_back_of_chosen_messages_moves_only_those_the_fetch_list_still_holds(redis_client, celery_app):
     # Given a fetch list of three fast takes, and one message already claimed elsewhere
-    f = fetcher()
-    ids = [publish(celery_app) for _ in range(5)]
-    take(redis_client, f)
-    taken = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    f, ids, taken = fast_takes(redis_client, celery_app, 3, published=5)
     assert [id_of(m) for m in taken] == ids[1:4]
     # When two of them are given back (one running is kept) and one that is not there any more
     moved = give_back(redis_client, KEYS, fetch_list=f.fetch_list, queue=QUEUE, forget=False,
@@ -181,10 +187,7 @@ def test_a_give_back_of_chosen_messages_moves_only_those_the_fetch_list_still_ho
 def test_a_requeue_of_a_delivered_message_finds_it_claimed_or_still_in_the_fetch_list(redis_client, celery_app):
     # Given three messages delivered by fast takes: one claimed by its task, one not yet (its pool
     # child died first), one acknowledged
-    f = fetcher(token="w1")
-    ids = [publish(celery_app) for _ in range(4)]
-    take(redis_client, f)
-    claimed, unclaimed, acked = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    f, ids, (claimed, unclaimed, acked) = fast_takes(redis_client, celery_app, 3, token="w1")
     tags = [json.loads(m)["properties"]["delivery_tag"] for m in (claimed, unclaimed, acked)]
     pipe = redis_client.pipeline(transaction=False)
     queue_claim(pipe, fetch_list=f.fetch_list, delivery_tag=tags[0], message=claimed.decode(), exchange="",
@@ -421,10 +424,7 @@ def test_a_reconnect_gives_the_fetch_list_back_but_for_messages_tasks_may_still_
 
     # Given a worker that took three messages by fast takes: one it handed to a task still running
     # (not claimed yet), two left behind (say its fetch stopped before handing them over)
-    f = fetcher(token="w1")
-    ids = [publish(celery_app) for _ in range(4)]
-    take(redis_client, f)
-    running, left1, left2 = [redis_client.execute_command(*f.fast_take_command()) for _ in range(3)]
+    f, ids, (running, _left1, _left2) = fast_takes(redis_client, celery_app, 3, token="w1")
     tag = json.loads(running)["properties"]["delivery_tag"]
     transport._running_fetched(tag, running.decode())
     try:

@@ -12,7 +12,7 @@ instead of the script: ``LMOVE`` from the head of the ready list into the worker
 The message is then in the fetch list — never nowhere — until the task's first Redis step records
 it as unacked, in kombu's layout, and removes it from the fetch list (:func:`queue_claim`, on the
 callout's preflight). A Lua script costs Redis several times a plain command on a busy machine
-(README, "Per-callout budget"), and this one ran for every callout.
+(README, "Where Redis's CPU goes"), and this one ran for every callout.
 
 A worker's *fetch list* otherwise holds only a message the script could not read (handed to the
 worker to dead-letter) or what an older onelane left there. Anything in it goes back to the head of

@@ -55,14 +55,14 @@ log = logging.getLogger(__name__)
 
 #: delivery tags about to be acknowledged whose unacked copy went with their outcome (one transaction)
 _ACKED_WITH_OUTCOME: set = set()
+#: a bound on that set, should acks it waits for never come (a lost connection): past it, it is
+#: emptied, and those acks go the usual way (a removal that finds nothing)
+_ACKED_WITH_OUTCOME_MAX = 10_000
 #: the messages the fast take handed to this process's tasks (delivery tag -> the message as the
 #: fetch list holds it) until they are acknowledged or rejected: neither a reconnect nor a channel's
 #: restore gives one of them back to the queue, since its task may claim it at any moment (the
 #: reaper gives them back if this worker dies)
 _RUNNING_FETCHED: dict = {}
-#: a bound on that set, should acks it waits for never come (a lost connection): past it, it is
-#: emptied, and those acks go the usual way (a removal that finds nothing)
-_ACKED_WITH_OUTCOME_MAX = 10_000
 
 
 def acked_with_outcome(delivery_tag: str) -> None:
@@ -258,8 +258,7 @@ class LossProofFetch:
             return True
         if arrival(message).key:
             self._take_fast = False
-            give_back(self._client(), Keys(get_settings().key_prefix), fetch_list=plan.fetch_list, queue=plan.queue,
-                      forget=False, only=[message])
+            self.give_back_fetched([message])
             raise Empty()
         payload["properties"][FETCHED] = fetched = bytes_to_str(message)
         tag = payload["properties"]["delivery_tag"]
