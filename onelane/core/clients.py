@@ -9,10 +9,11 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from onelane.core.pipeline import OnelaneRedis
 from onelane.core.redaction import redact_url  # noqa: F401  (REDIS_URL as shown in messages)
 from onelane.core.settings import sentinel_hosts
 
-_clients: dict[tuple[int, str], redis.Redis] = {}
+_clients: dict[tuple[int, str], OnelaneRedis] = {}
 
 
 _COMMON = dict(socket_connect_timeout=5,
@@ -45,7 +46,7 @@ def get_client(url: str, *, ca_certs: str = "", sentinel_master: str = "", senti
             extra["ssl_cert_reqs"] = "required"
             if ca_certs:
                 extra["ssl_ca_certs"] = ca_certs
-        c = redis.Redis.from_url(url, **extra, **_COMMON, retry=_retry(),
+        c = OnelaneRedis.from_url(url, **extra, **_COMMON, retry=_retry(),
                                  retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         _clients[key] = c
     return c
@@ -67,7 +68,7 @@ def _sentinel_master_client(url: str, master: str, sentinel_password: str) -> re
     sentinels = Sentinel(sentinel_hosts(url), socket_timeout=2, socket_connect_timeout=2,
                          sentinel_kwargs={"password": sentinel_password or None, "socket_timeout": 2,
                                           "socket_connect_timeout": 2, "retry": _quick_retry()})
-    return sentinels.master_for(master, redis_class=redis.Redis, password=first.password, username=first.username,
+    return sentinels.master_for(master, redis_class=OnelaneRedis, password=first.password, username=first.username,
                                 db=db, retry=_retry(),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError], **_COMMON)
 
