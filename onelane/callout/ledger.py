@@ -61,22 +61,25 @@ class Ledger:
         if pipe is None:
             p.execute()
 
-    def preflight(self, pipe, task_id: str, idempotency_key: str | None) -> int:
-        """Queue the reads :meth:`outcome_from` needs on ``pipe``, then the count of finished attempts
-        (its reply comes last); return how many replies they add (3, or 4 with a key of its own)."""
+    def preflight(self, pipe, task_id: str, idempotency_key: str | None, *, also=()) -> int:
+        """Queue two reads on ``pipe``: one MGET of what :meth:`outcome_from` needs, followed by the
+        keys ``also`` (other strings the caller reads in the same command), then the count of
+        finished attempts. Returns how many of the MGET's values are :meth:`outcome_from`'s (2, or 3
+        with a key of its own); the values of ``also`` follow them."""
         key = idempotency_key or task_id
-        pipe.get(self.keys.done(task_id))
-        pipe.get(self.keys.idempotency(key))
+        keys = [self.keys.done(task_id), self.keys.idempotency(key)]
         if key != task_id:
             # a success whose key was its own task id wrote no idempotency entry: its outcome is the entry
-            pipe.get(self.keys.done(key))
+            keys.append(self.keys.done(key))
+        pipe.mget(*keys, *also)
         pipe.llen(self.keys.attempts(task_id))
-        return 3 if key == task_id else 4
+        return len(keys)
 
     def outcome_from(self, replies) -> Outcome | None:
         """The recorded outcome of this task id, or of a success with this idempotency key.
 
-        Takes the replies of :meth:`preflight` but the last; a second read only for an idempotency hit.
+        Takes the first values of :meth:`preflight`'s MGET (as many as it said); a second read only for
+        an idempotency hit.
         """
         done_raw, idem_task_id, *by_key = replies
         if done_raw is not None:

@@ -224,8 +224,9 @@ class CalloutRun:
         if self._unclaimed:  # first of all: the message is unacked before anything is in flight
             claimed = queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
                                   message=d.fetched, exchange=d.exchange, routing_key=d.queue)
-        read = claimed + self.ledger.preflight(pipe, d.task_id, self.idempotency_key)
-        pipe.exists(self.keys.paused(d.queue))
+        # the recorded outcome and the pause flag: one MGET
+        outcome_values = self.ledger.preflight(pipe, d.task_id, self.idempotency_key,
+                                               also=[self.keys.paused(d.queue)])
         pipe.hgetall(self.keys.circuit(self.resource))
         pipe.time()
         keyed = self.request.coalesce_key is not None
@@ -242,9 +243,9 @@ class CalloutRun:
             forget(self.client)
             return self._preflight(token)
         self._unclaimed = False
-        recorded, finished = replies[claimed:read - 1], replies[read - 1]
-        paused, circuit_raw, now = replies[read:read + 3]
-        first = read + 3
+        values, finished, circuit_raw, now = replies[claimed:claimed + 4]
+        recorded, paused = values[:outcome_values], values[outcome_values]
+        first = claimed + 4
         if keyed:
             self.carried = coalescing.carried_of(replies[first])
             first += 1
@@ -256,7 +257,7 @@ class CalloutRun:
         if self._first_read:
             self._first_read = False
             prior = self.ledger.outcome_from(recorded)
-        check = Preflight(prior=prior, attempt=int(finished) + 1, paused=bool(paused),
+        check = Preflight(prior=prior, attempt=int(finished) + 1, paused=paused is not None,
                           circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
                           read_at=self.clock.monotonic(), token=token, grant=grant, recorded=bool(ahead))
         self._next_attempt = check.attempt
