@@ -2,10 +2,12 @@
 
     python -m bench [--quick] [--out bench/results.json]
 
-Every onelane/baseline pair of 1 and 5 runs in interleaved rounds (3; bench/rounds.py), and its
-figures are the medians over the rounds, each round's ratios kept beside them.
+The overhead pair of 1 runs in windows taken in turns on workers kept running (12 windows of
+250 callouts a side; :func:`alternating_throughput`); the other pairs of 1 and 5 run in
+interleaved rounds (3; bench/rounds.py). Figures are the medians over the windows or rounds,
+each one's ratios kept beside them.
 
-1. Overhead: N callouts to an API that answers at once, through onelane and through a bare
+1. Overhead: callouts to an API that answers at once, through onelane and through a bare
    Celery task doing the same requests call with the same worker configuration and task
    events on (-E), with the prefork pool (concurrency 1) and with --pool solo: calls/s, the
    handoff gap, and per callout the CPU of every worker process, Redis's CPU (INFO cpu), and
@@ -46,7 +48,11 @@ import platform
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
+
+import redis as redis_py
 
 from celery import Celery
 from rich.console import Console
@@ -98,8 +104,6 @@ def measured_run(server, api, module, queue, worker_args, n, publish, warm=3, ti
     callouts; then one RENAME hands the N to the queue. Returns (window, calls at the API,
     RSS in kB of every worker after the run).
     """
-    import redis as redis_py
-
     client = redis_py.Redis.from_url(server.url)
     producer = Celery(broker=server.url)  # no result backend: no subscription to the results
     staging = f"bench-staging:{queue}"
@@ -141,13 +145,84 @@ def run_throughput(module, task, queue, n, extra_args=(), delay_s=0.0):
             return app.send_task(task, kwargs={"url": f"{api.url}/o", "json": {"i": i}}, queue=queue).id
 
         flags = (*extra_args, *(BARE_FLAGS if module != "tasks" else ()))
-        window, calls, memory = measured_run(server, api, module, queue, [(env, "bench", *flags)], n, publish)
-        span = max(c.end for c in calls) - min(c.start for c in calls)
-        g = gaps_ms(calls)
-        return {"calls": len(calls), "seconds": round(span, 3), "per_s": round(len(calls) / span, 1),
-                "gap_p50_ms": round(pct(g, 50), 2), "gap_p99_ms": round(pct(g, 99), 2),
-                "gap_max_ms": round(max(g), 2), "overlaps": api.overlaps, "rss_mb": round(memory[0] / 1024, 1),
-                "cost": window.per_callout(len(calls))}
+        window, _calls, memory = measured_run(server, api, module, queue, [(env, "bench", *flags)], n, publish)
+        return _throughput_figures(api, window, memory[0])
+
+
+def alternating_throughput(sides: dict, n: int, windows: int, extra_args=(), warm: int = 3, timeout_s: float = 600):
+    """Each side of a pair (name -> (module, task, queue)) on its own private Redis, API and worker,
+    all kept running; then ``windows`` measured windows of ``n`` callouts each, the sides taking
+    turns (the side that goes first alternating), each window a cost window of its own.
+
+    Why: one run of a side took a few seconds plus a worker's start-up, and this VM's speed drifts
+    by tens of percent from one minute to the next, so runs minutes apart compared the drift as much
+    as the code. Windows a second or two long, side by side, see the same machine. Every window's
+    callouts are published beforehand, to database 1 of the side's Redis (as send_task lays them
+    out for the queue), and moved to a staging list of database 0; the window hands them to the
+    queue with one RENAME, which wakes the idle worker. Returns name -> the windows' figures (as
+    :func:`run_throughput` gives them)."""
+    with ExitStack() as stack:
+        live = {}
+        for name, (module, task, queue) in sides.items():
+            server = stack.enter_context(RedisServer(appendonly=False))
+            api = stack.enter_context(FragileAPI())
+            flags = (*extra_args, *(BARE_FLAGS if module != "tasks" else ()))
+            w = worker(module, queue, env_for(server.url), f"bench-{name}", *flags)
+            stack.callback(w.stop)
+            w.start(wait_ready=False)
+            live[name] = SimpleNamespace(server=server, api=api, worker=w, task=task, queue=queue, runs=[],
+                                         client=stack.enter_context(redis_py.Redis.from_url(server.url)))
+        for side in live.values():
+            side.staged = _stage_windows(side, n, windows)
+            side.worker.wait_log("ready.", 120)
+        for side in live.values():
+            producer = Celery(broker=side.server.url)
+            warm_ids = [producer.send_task(side.task, kwargs={"url": f"{side.api.url}/o", "json": {"warm": i}},
+                                           queue=side.queue).id for i in range(warm)]
+            wait_for(lambda: len(side.api.calls) >= warm and side.client.exists(
+                *[f"celery-task-meta-{t}" for t in warm_ids]) == warm, 60, 0.02, what="the warm-up callouts")
+        order = list(live)
+        for i in range(windows):
+            for name in (order if i % 2 == 0 else order[::-1]):
+                side = live[name]
+                staging, ids = side.staged[i]
+                time.sleep(0.2)  # the other side's last acknowledgements settle
+                side.api.reset()
+                window = cost.Window(side.client, [side.worker.pid]).open()
+                window.command("RENAME", staging, side.queue)
+                cost.wait_results(window, side.api, ids, timeout_s)
+                window.close()
+                side.runs.append(_throughput_figures(side.api, window, rss_kb(side.worker.pid)))
+        return {name: side.runs for name, side in live.items()}
+
+
+def _stage_windows(side, n: int, windows: int) -> list[tuple[str, list[str]]]:
+    """Publish ``windows`` × ``n`` callouts for the side's queue to database 1, and move each window's
+    into a staging list of database 0 (order kept); returns (staging list, task ids) per window."""
+    url1 = side.server.url.rsplit("/", 1)[0] + "/1"
+    producer = Celery(broker=url1)
+    scratch = redis_py.Redis.from_url(url1)
+    staged = []
+    for w in range(windows):
+        ids = [producer.send_task(side.task, kwargs={"url": f"{side.api.url}/o", "json": {"i": w * n + i}},
+                                  queue=side.queue).id for i in range(n)]
+        staging = f"bench-staging:{side.queue}:{w}"
+        raw = scratch.lrange(side.queue, 0, -1)
+        scratch.delete(side.queue)
+        side.client.rpush(staging, *raw)
+        staged.append((staging, ids))
+    scratch.close()
+    return staged
+
+
+def _throughput_figures(api, window, rss: int) -> dict:
+    calls = api.snapshot()
+    span = max(c.end for c in calls) - min(c.start for c in calls)
+    g = gaps_ms(calls)
+    return {"calls": len(calls), "seconds": round(span, 3), "per_s": round(len(calls) / span, 1),
+            "gap_p50_ms": round(pct(g, 50), 2), "gap_p99_ms": round(pct(g, 99), 2),
+            "gap_max_ms": round(max(g), 2), "overlaps": api.overlaps, "rss_mb": round(rss / 1024, 1),
+            "cost": window.per_callout(len(calls))}
 
 
 def _ratio(a, b):
@@ -163,7 +238,11 @@ def cost_ratios(ol: dict, bare: dict) -> dict:
 def paired(run_onelane, run_bare, rounds: int) -> dict:
     """``rounds`` interleaved runs of each side (bench/rounds.py): the median of every figure, the
     median of each round's ratios, and every round's ratios beside them."""
-    ols, bares = interleaved(run_onelane, run_bare, rounds)
+    return paired_figures(*interleaved(run_onelane, run_bare, rounds))
+
+
+def paired_figures(ols: list, bares: list) -> dict:
+    """Same-length lists of each side's runs, taken in turns: medians, and each turn's ratios."""
     per_round = [{"ratio": _ratio(ol["per_s"], b["per_s"]), "cost_ratio": cost_ratios(ol["cost"], b["cost"])}
                  for ol, b in zip(ols, bares)]
     return {"onelane": median_of(ols), "bare": median_of(bares), "rounds": per_round,
@@ -171,12 +250,17 @@ def paired(run_onelane, run_bare, rounds: int) -> dict:
             "cost_ratio": median_of([r["cost_ratio"] for r in per_round])}
 
 
-def overhead(n, pools, rounds):
+#: the overhead pair: onelane's task on its serial lane, and the bare Celery task
+OVERHEAD_SIDES = {"onelane": ("tasks", "tasks.callout", "serial"), "bare": ("bench.bare_app", "bare.call", "bare")}
+
+
+def overhead(n, pools, windows):
+    """Both pools, each as :func:`alternating_throughput` windows of ``n`` callouts a side."""
     out = {}
     for pool in pools:
         extra = () if pool == "prefork" else ("--pool", pool)
-        out[pool] = paired(lambda: run_throughput("tasks", "tasks.callout", "serial", n, extra),
-                           lambda: run_throughput("bench.bare_app", "bare.call", "bare", n, extra), rounds)
+        runs = alternating_throughput(OVERHEAD_SIDES, n, windows, extra)
+        out[pool] = paired_figures(runs["onelane"], runs["bare"])
     return out
 
 
@@ -372,8 +456,6 @@ def lanes(count: int, per_lane: int, pool: str = "solo"):
 # -- 7. Redis memory -------------------------------------------------------------------------------
 def redis_memory(queued: int, dead: int):
     """Redis memory per queued callout (published with send_task) and per dead letter (5 attempts)."""
-    import redis as redis_py
-
     from onelane.callout.ledger import Ledger
     from onelane.core.keys import Keys
 
@@ -525,14 +607,14 @@ def report(res):
         t.add_column(col)
     for pool, o in res["overhead"].items():
         ol, b = o["onelane"], o["bare"]
-        t.add_row(f"overhead, {ol['calls']} calls, pool {pool}: calls/s{rounds_text(res)}", str(ol["per_s"]),
-                  str(b["per_s"]), f"{o['ratio']:.2f}x bare{round_spread(o, 'ratio')}")
+        t.add_row(f"overhead, pool {pool}: calls/s{windows_text(res)}", str(ol["per_s"]),
+                  str(b["per_s"]), f"{o['ratio']:.2f}x bare{round_spread(o, 'ratio', 'windows')}")
         t.add_row("  handoff gap p50 / p99 / max ms",
                   f"{ol['gap_p50_ms']} / {ol['gap_p99_ms']} / {ol['gap_max_ms']}",
                   f"{b['gap_p50_ms']} / {b['gap_p99_ms']} / {b['gap_max_ms']}",
                   f"p50 {ol['gap_p50_ms'] - b['gap_p50_ms']:+.2f} ms")
         t.add_row("  worker RSS MB (parent + child)", str(ol["rss_mb"]), str(b["rss_mb"]), "")
-        for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"], o.get("rounds")):
+        for row in cost_rows(ol["cost"], b["cost"], o["cost_ratio"], o.get("rounds"), "windows"):
             t.add_row(*row)
     lc = res.get("long_calls")
     if lc:
@@ -644,27 +726,32 @@ def targets_table(res) -> Table:
     return t
 
 
+def windows_text(res) -> str:
+    a = res["args"]
+    return f" (median of {a['windows']} windows of {a['calls']} callouts a side, taken in turns)"
+
+
 def rounds_text(res) -> str:
     r = res["args"].get("rounds", 1)
     return f" (median of {r} rounds)" if r > 1 else ""
 
 
-def round_spread(pair: dict, key: str) -> str:
-    """`` (rounds 0.88-1.02)``: the lowest and highest of a pair's rounds, when it had several."""
+def round_spread(pair: dict, key: str, label: str = "rounds") -> str:
+    """`` (rounds 0.88-1.02)``: the lowest and highest of a pair's rounds (or windows), when it had several."""
     rounds = pair.get("rounds") or []
     values = [r[key] if key == "ratio" else r["cost_ratio"][key] for r in rounds]
     values = [v for v in values if v is not None]
-    return f" (rounds {spread(values)})" if len(values) > 1 else ""
+    return f" ({label} {spread(values)})" if len(values) > 1 else ""
 
 
-def cost_rows(ol: dict, b: dict, ratio: dict, rounds=None) -> list[tuple[str, str, str, str]]:
+def cost_rows(ol: dict, b: dict, ratio: dict, rounds=None, label: str = "rounds") -> list[tuple[str, str, str, str]]:
     """The per-callout cost rows of one onelane/baseline pair (bench/cost.py)."""
     pair = {"rounds": rounds}
 
     def x(key, spread_too=True):
         if ratio.get(key) is None:
             return "-"
-        return f"{ratio[key]:.2f}x" + (round_spread(pair, key) if spread_too else "")
+        return f"{ratio[key]:.2f}x" + (round_spread(pair, key, label) if spread_too else "")
     return [
         ("  worker CPU ms / callout (every worker process)", str(ol["worker_cpu_ms_per_callout"]),
          str(b["worker_cpu_ms_per_callout"]), x("worker_cpu_ms_per_callout")),
@@ -726,19 +813,24 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--calls", type=int, default=None, help="overhead callouts per round (default 1000; quick 100)")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="overhead callouts per window and side (default 250; quick 60)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="overhead windows per side, the sides taking turns (default 12; quick 2)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds of each onelane/baseline pair, medians reported (default 3; quick 1)")
     ap.add_argument("--jobs", type=int, default=None, help="contention jobs (default 50; quick 10)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     a = ap.parse_args(argv)
-    calls = a.calls or (100 if a.quick else 1000)
+    calls = a.calls or (60 if a.quick else 250)
+    windows = a.windows or (2 if a.quick else 12)
     rounds = a.rounds or (1 if a.quick else 3)
     jobs = a.jobs or (10 if a.quick else 50)
     res = {"machine": f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}",
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "jobs": jobs, "quick": a.quick, "rounds": rounds}}
-    console.print(f"overhead: {calls} callouts each way, {rounds} interleaved round(s) ...")
-    res["overhead"] = overhead(calls, ["prefork", "solo"], rounds)
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "windows": windows, "jobs": jobs, "quick": a.quick,
+                                                                    "rounds": rounds}}
+    console.print(f"overhead: {windows} windows of {calls} callouts a side, in turns, each pool ...")
+    res["overhead"] = overhead(calls, ["prefork", "solo"], windows)
     if not a.quick:  # the smoke run skips it: it is the overhead scenario with slow calls
         console.print("handoff after 300 ms calls, as make demo ...")
         res["long_calls"] = handoff_after_long_calls(40, 0.3, rounds)
