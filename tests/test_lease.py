@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import socket
 import threading
 import time
@@ -543,3 +544,16 @@ def test_a_grant_writes_the_in_flight_record_it_is_for_granted_or_not(redis_clie
     assert isinstance(lease(redis_client).acquire_reply(other, pipe.execute()[0]), Holder)
     h = read()
     assert h["lease_token"] == other and h["fence"] == "0" and h["attempt"] == "3"
+
+
+@pytest.mark.parametrize("script", ["lease_acquire", "semaphore_acquire"])
+def test_the_scripts_hold_the_fence_floor_lease_py_holds(script):
+    """A quick grant's counter is re-seeded by whichever script sees it below the floor: one number."""
+    from importlib import resources
+
+    from onelane.coordination.lease import FENCE_FLOOR
+
+    source = resources.files("onelane.coordination").joinpath("lua", f"{script}.lua").read_text()
+    declared = re.search(r"^local FENCE_FLOOR = (\S+)$", source, re.M)
+    assert declared and float(declared.group(1)) == FENCE_FLOOR
+    assert "if fence < FENCE_FLOOR then" in source

@@ -47,7 +47,7 @@ def get_client(url: str, *, ca_certs: str = "", sentinel_master: str = "", senti
             if ca_certs:
                 extra["ssl_ca_certs"] = ca_certs
         c = OnelaneRedis.from_url(url, **extra, **_COMMON, retry=_retry(),
-                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+                                  retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         _clients[key] = c
     return c
 

@@ -1,6 +1,6 @@
 """The redis-py client onelane's own code runs on: its pipelines pack their commands in one pass.
 
-A callout's Redis work is two pipelines — the preflight (15 commands) and the outcome's
+A callout's Redis work is two pipelines — the preflight (13 commands) and the outcome's
 transaction (about 20). redis-py packs each command of a pipeline through its general
 serializer: an encoder call per argument, checks of the command name, a list per command.
 Under a profiler that packing was the largest single cost of those round trips in the worker
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import redis
 from redis.client import Pipeline
-
-_CRLF = b"\r\n"
 
 
 def pack_commands(commands, encode, encoding: str = "utf-8", errors: str = "strict") -> bytes:

@@ -376,7 +376,8 @@ def families(reading: Reading):
     res = reading.resources
     g = gauge("onelane_lease_held", "1 while the resource's lease is held (a callout to it is under way).",
               ["resource"])
-    g2 = gauge("onelane_fencing_token", "The resource's fencing counter (grows with every lease granted, and every try before a callout).",
+    g2 = gauge("onelane_fencing_token",
+               "The resource's fencing counter (grows with every lease granted, and every try before a callout).",
                ["resource"])
     for r in res:
         g.add_metric([r.name], int(r.lease_held))

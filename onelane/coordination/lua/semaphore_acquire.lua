@@ -138,7 +138,9 @@ if not free then
     return busy
 end
 local fence = redis.call('INCR', KEYS[1])
-if fence < 1e15 then
+-- every counter seeded from a clock in microseconds since 1970 is above this (lease.py FENCE_FLOOR)
+local FENCE_FLOOR = 1e15
+if fence < FENCE_FLOOR then
     -- a counter that did not exist (a new resource, or Redis came back without its data, and a
     -- lease's quick tries counted it up from 1) starts from the Redis clock in microseconds: above
     -- every token granted before (see lease_acquire.lua, FENCE_FLOOR)
