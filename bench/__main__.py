@@ -115,9 +115,7 @@ def measured_run(server, api, module, queue, worker_args, n, publish, warm=3, ti
             workers.append(worker(module, queue, *args).start(wait_ready=False))
         for w in workers:
             w.wait_log("ready.", 120)
-        warm_ids = [publish(producer, n + i) for i in range(warm)]
-        wait_for(lambda: len(api.calls) >= warm and client.exists(*[f"celery-task-meta-{t}" for t in warm_ids])
-                 == warm, 60, 0.02, what="the warm-up callouts")
+        wait_warmed(api, client, [publish(producer, n + i) for i in range(warm)])
         time.sleep(0.2)
         api.reset()
         window = cost.Window(client, [w.pid for w in workers]).open()
@@ -131,6 +129,18 @@ def measured_run(server, api, module, queue, worker_args, n, publish, warm=3, ti
     return window, api.snapshot(), memory
 
 
+def wait_warmed(api, client, warm_ids: list[str]) -> None:
+    """Until the API has seen the warm-up callouts and each of them has its result."""
+    keys = [f"celery-task-meta-{t}" for t in warm_ids]
+    wait_for(lambda: len(api.calls) >= len(keys) and client.exists(*keys) == len(keys), 60, 0.02,
+             what="the warm-up callouts")
+
+
+def _callout_kwargs(api, i: int) -> dict:
+    """The arguments of overhead callout ``i`` (the same for onelane's task and the bare one)."""
+    return {"url": f"{api.url}/o", "json": {"i": i}}
+
+
 # -- 1. overhead -------------------------------------------------------------------------------
 #: the bare baseline's worker flags: bench/bare_app.py sets onelane's worker configuration, and
 #: -E (task events on) as a Flower-monitored deployment runs it
@@ -142,7 +152,7 @@ def run_throughput(module, task, queue, n, extra_args=(), delay_s=0.0):
         env = env_for(server.url)
 
         def publish(app, i):
-            return app.send_task(task, kwargs={"url": f"{api.url}/o", "json": {"i": i}}, queue=queue).id
+            return app.send_task(task, kwargs=_callout_kwargs(api, i), queue=queue).id
 
         flags = (*extra_args, *(BARE_FLAGS if module != "tasks" else ()))
         window, _calls, memory = measured_run(server, api, module, queue, [(env, "bench", *flags)], n, publish)
@@ -177,10 +187,8 @@ def alternating_throughput(sides: dict, n: int, windows: int, extra_args=(), war
             side.worker.wait_log("ready.", 120)
         for side in live.values():
             producer = Celery(broker=side.server.url)
-            warm_ids = [producer.send_task(side.task, kwargs={"url": f"{side.api.url}/o", "json": {"warm": i}},
-                                           queue=side.queue).id for i in range(warm)]
-            wait_for(lambda: len(side.api.calls) >= warm and side.client.exists(
-                *[f"celery-task-meta-{t}" for t in warm_ids]) == warm, 60, 0.02, what="the warm-up callouts")
+            wait_warmed(side.api, side.client, [producer.send_task(side.task, kwargs=_callout_kwargs(side.api, -1 - i),
+                                                                   queue=side.queue).id for i in range(warm)])
         order = list(live)
         for i in range(windows):
             for name in (order if i % 2 == 0 else order[::-1]):
@@ -204,8 +212,8 @@ def _stage_windows(side, n: int, windows: int) -> list[tuple[str, list[str]]]:
     scratch = redis_py.Redis.from_url(url1)
     staged = []
     for w in range(windows):
-        ids = [producer.send_task(side.task, kwargs={"url": f"{side.api.url}/o", "json": {"i": w * n + i}},
-                                  queue=side.queue).id for i in range(n)]
+        ids = [producer.send_task(side.task, kwargs=_callout_kwargs(side.api, w * n + i), queue=side.queue).id
+               for i in range(n)]
         staging = f"bench-staging:{side.queue}:{w}"
         raw = scratch.lrange(side.queue, 0, -1)
         scratch.delete(side.queue)
@@ -827,8 +835,8 @@ def main(argv=None) -> int:
     rounds = a.rounds or (1 if a.quick else 3)
     jobs = a.jobs or (10 if a.quick else 50)
     res = {"machine": f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}",
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "args": {"calls": calls, "windows": windows, "jobs": jobs, "quick": a.quick,
-                                                                    "rounds": rounds}}
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "args": {"calls": calls, "windows": windows, "jobs": jobs, "quick": a.quick, "rounds": rounds}}
     console.print(f"overhead: {windows} windows of {calls} callouts a side, in turns, each pool ...")
     res["overhead"] = overhead(calls, ["prefork", "solo"], windows)
     if not a.quick:  # the smoke run skips it: it is the overhead scenario with slow calls
