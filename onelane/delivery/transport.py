@@ -95,8 +95,7 @@ class QoS(kombu_redis.QoS):
         except KeyError:
             if fetched is None:
                 return super().ack(delivery_tag)
-            self._remove_taken(delivery_tag, fetched)
-            return virtual.QoS.ack(self, delivery_tag)
+            return self._ack_taken(delivery_tag, fetched)
         if self.channel.global_keyprefix:  # kombu's keys are not the ones the outcome removed from
             return super().ack(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
@@ -107,14 +106,15 @@ class QoS(kombu_redis.QoS):
         fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
         if fetched is None or requeue:
             return super().reject(delivery_tag, requeue=requeue)
-        self._remove_taken(delivery_tag, fetched)
-        virtual.QoS.ack(self, delivery_tag)
+        self._ack_taken(delivery_tag, fetched)
 
-    def _remove_taken(self, delivery_tag, fetched: str) -> None:
-        """kombu's removal of the unacked copy, and the fetch list's copy with it (one transaction)."""
+    def _ack_taken(self, delivery_tag, fetched: str) -> None:
+        """The ack of a message the fast take delivered: kombu's removal of the unacked copy and the
+        fetch list's copy with it (one transaction), then kombu's bookkeeping in memory."""
         pipe = self._remove_from_indices(delivery_tag)
         pipe.lrem(self.channel.fetch_list, 1, fetched)
         pipe.execute()
+        virtual.QoS.ack(self, delivery_tag)
 
     def restore_by_tag(self, tag, client=None, leftmost=False):
         """kombu's restore of an unacked message (a requeue, a closing channel, the visibility
