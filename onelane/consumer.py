@@ -13,6 +13,8 @@ replayed. Here each such message, before Celery discards it, is
 Unlike Celery's, these hooks never write the message body to the log (it may hold secrets).
 The dead letter of a misspelt task name can be replayed as ``tasks.callout`` with
 ``onelane dlq replay``.
+
+It also sends the worker's task events in batches (:mod:`onelane.task_events`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from onelane.core.errors import CalloutRejected
 from onelane.core.keys import Keys
 from onelane.core.redaction import redact_kwargs
 from onelane.core.settings import get_settings
+from onelane.task_events import BatchedTaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +45,18 @@ SAFE_HEADERS = ("id", "task", "lang", "root_id", "parent_id", "group", "retries"
 MAX_KEPT_BODY = 64 * 1024
 
 
-class Consumer(CeleryConsumer):
-    """Celery's consumer, with the four "cannot run this message" hooks replaced.
+class Consumer(BatchedTaskEvents, CeleryConsumer):
+    """Celery's consumer, with the four "cannot run this message" hooks replaced, and its task
+    events sent in batches (:mod:`onelane.task_events`).
 
-    Each does what Celery's does with the message (reject it, or ack one it cannot decode)
+    Each hook does what Celery's does with the message (reject it, or ack one it cannot decode)
     and sends the same events and signals, but logs one line without the message body
     (Celery's logs the body, secrets and all) and dead-letters the message first.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events_batch_s = get_settings().task_events_batch_ms / 1000
 
     def on_unknown_task(self, body, message, exc):
         headers = _headers(message)

@@ -39,7 +39,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "facade"  # onelane/__init__.py: lazy names from every layer
-    if parts[1] in ("celery_app", "task", "consumer"):
+    if parts[1] in ("celery_app", "task", "consumer", "task_events"):
         return "composition"
     return parts[1]
 

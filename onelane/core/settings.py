@@ -56,6 +56,8 @@ class Settings:
     dedupe_window_s: int = 86_400
     #: how long Celery keeps task results
     result_expires_s: int = 86_400
+    #: a worker's task events wait at most this long to be published together (0: Celery's own flush)
+    task_events_batch_ms: int = 10
     #: how often beat runs the reaper
     reap_interval_s: float = 2.0
     #: retry backoff: full jitter over base * 2**n, capped
@@ -390,6 +392,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         release_dead_holder=_flag(env, "ONELANE_RELEASE_DEAD_HOLDER", False),
         dedupe_window_s=_number(env, "ONELANE_DEDUPE_WINDOW", 86_400, kind=int, low=1),
         result_expires_s=_number(env, "ONELANE_RESULT_EXPIRES", 86_400, kind=int, low=1),
+        task_events_batch_ms=_number(env, "ONELANE_TASK_EVENTS_BATCH_MS", 10, kind=int, low=0, high=10_000),
         reap_interval_s=_number(env, "ONELANE_REAP_INTERVAL", 2.0, low=0.1, high=3600),
         backoff_base_s=_number(env, "ONELANE_BACKOFF_BASE", 1.0, low=0, high=3600),
         backoff_max_s=_number(env, "ONELANE_BACKOFF_MAX", 60.0, low=0, high=3600),
