@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from onelane.core import counters
+from onelane.core import counters, recent
 from onelane.core.keys import Keys
 from onelane.core.outcome import FAILURE, SUCCESS, Outcome, count_batch_outcome  # noqa: F401 (re-exported)
 from onelane.core.text import text
@@ -32,7 +32,7 @@ class Ledger:
         pipe.set(self.keys.done(task_id), Outcome(SUCCESS, task_id, result=result).to_json(), ex=self.window_s)
         if idempotency_key != task_id:  # a key that is the task id is found through the outcome itself
             pipe.set(self.keys.idempotency(idempotency_key), task_id, ex=self.window_s)
-        self._stats(pipe, queue, SUCCESS, task_id, now_ms)
+        recent.count(pipe, self.keys, queue, SUCCESS, now_ms)
         Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
         if own:
             pipe.execute()
@@ -47,7 +47,7 @@ class Ledger:
         pipe.set(self.keys.done(task_id), Outcome(FAILURE, task_id, error=error).to_json(), ex=self.window_s)
         pipe.hset(self.keys.dead_letters(queue), task_id, json.dumps(dead_letter))
         pipe.zadd(self.keys.dead_letter_index(queue), {task_id: now_ms})
-        self._stats(pipe, queue, FAILURE, task_id, now_ms)
+        recent.count(pipe, self.keys, queue, FAILURE, now_ms)
         Inflight(self.client, self.keys).forget(task_id, queue, pipe=pipe)
         if also is not None:
             also(pipe)
@@ -94,9 +94,6 @@ class Ledger:
 
     def attempts(self, task_id: str) -> list[dict]:
         return [json.loads(r) for r in self.client.lrange(self.keys.attempts(task_id), 0, -1)]
-
-    def _stats(self, pipe, queue, status, task_id, now_ms):
-        pipe.zadd(self.keys.stats(queue, status), {task_id: now_ms})
 
     def dead_letters(self, queue: str) -> list[dict]:
         """Every dead-letter entry of the queue, oldest first."""

@@ -12,10 +12,6 @@ from dataclasses import dataclass
 KOMBU_UNACKED = "unacked"
 #: ... and their delivery times (seconds, the worker's clock) in this sorted set.
 KOMBU_UNACKED_INDEX = "unacked_index"
-#: recent outcomes (Keys.stats) are kept this long, for the completed/failed counts of status
-STATS_KEEP_MS = 3_600_000
-#: the outcomes Keys.stats is kept for
-STATS_OUTCOMES = ("success", "failure")
 #: kombu's Redis transport keeps a message published with priority p > 0 in "<queue><sep><p>"
 KOMBU_PRIORITY_SEP = "\x06\x16"
 #: the priority levels a producer's kombu may use (its priority_steps are a subset of 1-9)
@@ -182,9 +178,14 @@ class Keys:
         """Sorted set: dead-letter id -> time it was dead-lettered (ms)."""
         return f"{self.prefix}:dlq-index:{queue}"
 
-    def stats(self, queue: str, outcome: str) -> str:
-        """Sorted set of recent outcomes (member task id, score ms) for rates; the reaper trims it
-        to STATS_KEEP_MS."""
+    def stats(self, queue: str) -> str:
+        """Hash of recent outcome counts, "<outcome>:<10-second step>" -> count, for the completed
+        and failed counts of status (onelane.core.recent); the reaper drops steps older than an hour."""
+        return f"{self.prefix}:stats:{queue}"
+
+    def legacy_stats(self, queue: str, outcome: str) -> str:
+        """The sorted set of recent outcomes (task id -> ms) an onelane before 2026-12-07 kept per outcome;
+        the reaper deletes it."""
         return f"{self.prefix}:stats:{queue}:{outcome}"
 
     def attempts(self, task_id: str) -> str:

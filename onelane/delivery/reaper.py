@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass, field
 
 from onelane.coordination.lease import Lease
-from onelane.core import counters
+from onelane.core import counters, recent
 from onelane.core.clock import redis_now_ms
-from onelane.core.keys import KOMBU_UNACKED, STATS_KEEP_MS, STATS_OUTCOMES, Keys
+from onelane.core.keys import KOMBU_UNACKED, Keys
 from onelane.core.text import text
 from onelane.delivery import coalescing, registry
 from onelane.delivery.flow import absorb_priorities, promote_due
@@ -106,8 +106,11 @@ def _free_stale_keys(client, keys: Keys, settings, queue: str) -> list[str]:
 
 
 def _trim_stats(client, keys: Keys, queue: str, *, now_ms: int) -> None:
-    """Forget recent outcomes older than STATS_KEEP_MS (here, not on every callout)."""
+    """Drop the recent-outcome counts older than an hour (here, not on every callout), and the sorted
+    sets an older onelane kept instead."""
+    old = recent.stale(client.hkeys(keys.stats(queue)), now_ms=now_ms)
     pipe = client.pipeline(transaction=False)
-    for outcome in STATS_OUTCOMES:
-        pipe.zremrangebyscore(keys.stats(queue, outcome), "-inf", now_ms - STATS_KEEP_MS)
+    if old:
+        pipe.hdel(keys.stats(queue), *old)
+    pipe.delete(*(keys.legacy_stats(queue, o) for o in recent.OUTCOMES))
     pipe.execute()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from onelane.coordination.circuit import all_circuits
 from onelane.coordination.lease import Lease
-from onelane.core import counters
+from onelane.core import counters, recent
 from onelane.core.clock import redis_now_ms
 from onelane.core.keys import Keys
 from onelane.core.text import text, text_map
@@ -184,19 +184,18 @@ def snapshot(client, keys: Keys, queue: str, settings) -> Snapshot:
     pipe = client.pipeline(transaction=False)
     pipe.zcard(keys.delayed(queue))
     pipe.zcard(keys.dead_letter_index(queue))
-    pipe.zcount(keys.stats(queue, "success"), now - 60_000, "+inf")
-    pipe.zcount(keys.stats(queue, "success"), now - 3_600_000, "+inf")
-    pipe.zcount(keys.stats(queue, "failure"), now - 60_000, "+inf")
-    pipe.zcount(keys.stats(queue, "failure"), now - 3_600_000, "+inf")
+    pipe.hgetall(keys.stats(queue))
     pipe.zrange(keys.lease_index, 0, -1)
-    delayed, dlq, ok_m, ok_h, bad_m, bad_h, lease_names = pipe.execute()
+    delayed, dlq, outcomes, lease_names = pipe.execute()
+    minute = recent.totals(outcomes, now_ms=now, window_ms=60_000)
+    hour = recent.totals(outcomes, now_ms=now, window_ms=3_600_000)
     kind = registry.BULK if queue == settings.bulk_queue else registry.LANE
     snap = Snapshot(queue=queue, now_ms=now, depth=flow.depth(client, keys, queue),
                     paused=flow.paused_info(client, keys, queue), kind=kind,
                     known=registry.is_known(client, keys, queue, default_lane=settings.queue,
                                             bulk_queue=settings.bulk_queue),
-                    delayed=delayed, dead_letters=dlq, completed={"last_minute": ok_m, "last_hour": ok_h},
-                    failed={"last_minute": bad_m, "last_hour": bad_h},
+                    delayed=delayed, dead_letters=dlq, completed={"last_minute": minute["success"], "last_hour": hour["success"]},
+                    failed={"last_minute": minute["failure"], "last_hour": hour["failure"]},
                     head_waiting_s=head_waiting_s(client, keys, queue, now))
     inflight = Inflight(client, keys)
     for tid in inflight.task_ids(queue):
@@ -260,9 +259,10 @@ def lane_line(client, keys: Keys, queue: str, settings, now_ms: int) -> dict:
     pipe.zcard(keys.dead_letter_index(queue))
     pipe.zcard(keys.delayed(queue))
     pipe.exists(keys.paused(queue))
-    pipe.zcount(keys.stats(queue, "success"), now_ms - 60_000, "+inf")
+    pipe.hgetall(keys.stats(queue))
     pipe.hget(keys.coalesce_counts(queue), "coalesced")
-    in_flight, dlq, delayed, paused, ok_m, coalesced = pipe.execute()
+    in_flight, dlq, delayed, paused, outcomes, coalesced = pipe.execute()
+    ok_m = recent.totals(outcomes, now_ms=now_ms, window_ms=60_000)["success"]
     guard = _guard(client, keys, queue)
     return {
         "name": queue,
