@@ -353,3 +353,86 @@ def test_tries_under_a_lowered_adaptive_cap_count_the_keys_without_rewriting_the
     # Then each read the keys and wrote nothing: no rewrite of the hint per refusal
     calls = commands(redis_client)
     assert calls["pttl"] == 20 and "zadd" not in calls and "del" not in calls, calls
+
+
+def test_a_newcomer_queues_behind_its_processes_waiters_recorded_as_waiting_without_a_try(redis_client):
+    # Given a cap of 1, held, and a task of this process waiting for the slot
+    from onelane.callout.permit import SlotPermit
+    from onelane.delivery.inflight import Inflight, InflightRecord
+
+    inflight = Inflight(redis_client, KEYS)
+    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1), inflight)
+    held = permit.slots.try_acquire(new_token(), ttl_ms=TTL_MS)
+    out = {}
+    waiter = threading.Thread(target=lambda: out.update(
+        first=permit.slots.acquire(new_token(), ttl_ms=TTL_MS, wait_ms=10_000)))
+    waiter.start()
+    assert wait_until(permit.slots.others_waiting), "the first task is waiting"
+    # When a newcomer's preflight asks ahead
+    record = InflightRecord(task_id="t7", queue="bulk", resource="acme", owner="w9", lease="", lease_token="",
+                            fence=0, started_ms=0, deadline_ms=0, attempt=1, delivery_tag="tag7", host="h", pid=1,
+                            kwargs={})
+    redis_client.config_resetstat()
+    pipe = redis_client.pipeline(transaction=False)
+    assert permit.speculate(pipe, record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000) == 2
+    assert permit.speculated(pipe.execute(), token="tok7") is None
+    # Then it made no try (no script), and it is on record as waiting, due at once for the reaper
+    assert "evalsha" not in commands(redis_client)
+    assert not permit.stamps_attempt  # its record carries the run's attempt number
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
+    assert (h["owner"], h["lease"], h["deadline_ms"], h["attempt"]) == ("w9", "", "0", "1")
+    assert redis_client.zscore(KEYS.inflight_index("bulk"), "t7") == 0
+    # and when the slot comes free twice, the first waiter has it first and the newcomer after it
+    later = {}
+    newcomer = threading.Thread(target=lambda: later.update(got=permit.acquire(
+        record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000, redis_now_ms=0, recorded=True)))
+    newcomer.start()
+    time.sleep(0.3)
+    permit.slots.release(held)
+    waiter.join(timeout=15)
+    first, _ = out["first"]
+    permit.slots.release(first)
+    newcomer.join(timeout=15)
+    grant, waited_ms = later["got"]
+    assert isinstance(grant, SlotGrant) and waited_ms < 1_500, "woken by the release, not by its block's end"
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
+    assert (h["owner"], h["lease_token"], h["fence"]) == ("w9", "tok7", str(grant.fence))
+
+
+def test_a_woken_waiter_that_wins_a_slot_wakes_the_next_while_another_slot_is_free(redis_client):
+    # Given a cap of 2, both held, and two tasks waiting (each blocks up to 2 s on the release signal)
+    sem = semaphore(redis_client, 2)
+    first, second = (sem.try_acquire(new_token(), ttl_ms=TTL_MS) for _ in range(2))
+    redis_client.delete(KEYS.slot_signal("acme"))
+    got, woke = [], {}
+
+    def wait():
+        grant, _ = sem.acquire(new_token(), ttl_ms=TTL_MS, wait_ms=10_000, refused_ms=2_000)
+        got.append(grant)
+        woke[grant.slot] = time.monotonic()
+
+    waiters = [threading.Thread(target=wait) for _ in range(2)]
+    for w in waiters:
+        w.start()
+    time.sleep(0.3)
+    # When slot 2 comes free without a signal (its holder's lease expired: nobody is told), and then
+    # slot 1 is released (one signal: one waiter wakes)
+    redis_client.delete(KEYS.lease(second.name))
+    redis_client.zadd(KEYS.slots_held("acme"), {"2": 2})
+    released = time.monotonic()
+    sem.release(first)
+    for w in waiters:
+        w.join(timeout=15)
+    # Then the woken waiter, granted slot 1, passed the wake-up on: the other has slot 2 at once,
+    # not when its 2 s block ran out
+    assert sorted(g.slot for g in got) == [1, 2]
+    assert woke[2] - released < 1.0, f"the second waiter woke {woke[2] - released:.2f} s after the release"
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True

@@ -26,7 +26,7 @@ from onelane.callout.classify import Reply, overloaded, retry_after_s
 from onelane.coordination.adaptive import Adaptive
 from onelane.coordination.lease import Grant, Lease
 from onelane.coordination.rate import RateLimiter
-from onelane.coordination.slots import Semaphore, SlotGrant
+from onelane.coordination.slots import QUEUED_MS, Semaphore, SlotGrant
 from onelane.core import counters
 from onelane.core.keys import Keys
 from onelane.core.clock import estimated_redis_now_ms
@@ -176,10 +176,20 @@ class SlotPermit:
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
         self._refused_ms: int | None = None
+        #: the preflight queued this task behind the process's waiters instead of trying for a slot
+        self._queued = False
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         if self.rate is not None:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
+        self._queued = self.slots.others_waiting()
+        if self._queued:
+            # Another task of this process waits for a slot: a try now would most likely be refused,
+            # and a try is a script, the dearest step of a capped callout. The task is recorded as
+            # waiting (plain commands; due at once, as a refused try records it) and queues behind.
+            self.inflight.record(replace(record, lease="", lease_token="", fence=0, started_ms=0, deadline_ms=0),
+                                 pipe=pipe)
+            return 2
         # Usually a slot is free: the grant and the in-flight record travel with the preflight's
         # reads, as for a serial lease (given back if the preflight finds the attempt must not start)
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
@@ -187,6 +197,9 @@ class SlotPermit:
         return 1
 
     def speculated(self, replies, *, token):
+        if self._queued:
+            self._refused_ms = QUEUED_MS  # acquire waits first
+            return None
         got = self.slots.grant_of(replies[0], token)
         #: the refusal of the try ahead (ms until the soonest slot expires), so acquire waits first
         self._refused_ms = None if isinstance(got, SlotGrant) else got
@@ -237,7 +250,9 @@ class SlotPermit:
     def release_try(self, token, *, pipe):
         pass  # a refused try for a slot holds none
 
-    stamps_attempt = True  # the slot's script counts it
+    @property
+    def stamps_attempt(self) -> bool:
+        return not self._queued  # the slot's script counts it; a queued task's record has the run's
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,

@@ -3,7 +3,10 @@
 Guarantees: at most ``cap`` slots are held at once (one script checks and takes a slot);
 each slot is a lease with the same deadline, fencing and reaping rules as the serial
 lease, so a killed holder's slot comes back when its deadline passes; waiting blocks on a
-release signal with a bounded timeout, never polling Redis in a loop. The fencing counter
+release signal with a bounded timeout, never polling Redis in a loop. A release wakes one
+waiter, and a waiter that wins a slot wakes the next while another slot is free, so no waiter
+sleeps out its block beside a free slot; a task whose process already has one waiting can
+queue behind it without a try of its own (:meth:`Semaphore.others_waiting`). The fencing counter
 is the resource's own (shared with its serial lease), so tokens grow across both.
 
 A grant or a refusal reads one member of a sorted set holding every slot (``Keys.slots_held``:
@@ -15,7 +18,10 @@ stale hint costs a slower grant, never a slot held twice.
 """
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from redis.exceptions import NoScriptError
@@ -32,6 +38,14 @@ _RELEASE = LuaScript(__package__, "lease_release")
 
 _SIGNAL_TTL_MS = 10_000
 _MAX_BLOCK_MS = 2_000
+
+#: the first wait of a task that queues behind this process's waiters without a try (the longest
+#: block: a release, or a waiter passing the wake-up on, ends it)
+QUEUED_MS = _MAX_BLOCK_MS
+
+#: tasks of this process waiting for a slot, per semaphore (its slot set's key), and their lock
+_waiting: Counter = Counter()
+_waiting_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,7 @@ class Semaphore:
         self.fence_name = keys.resource_lease(resource)
         # the script's keys and the arguments that never change, built once
         self._keys = [keys.lease_fence(self.fence_name), keys.lease_index, keys.adaptive(resource),
-                      keys.slots_held(resource), *[keys.lease(n) for n in self.names]]
+                      keys.slots_held(resource), keys.slot_signal(resource), *[keys.lease(n) for n in self.names]]
         self._name_prefix = keys.slot(resource, "")
         self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, self._name_prefix]
 
@@ -72,7 +86,7 @@ class Semaphore:
     def _try(self, token: str, *, ttl_ms: int, stamp: Stamp | None, after_wait_s: float = 0.0) -> SlotGrant | int:
         """:meth:`try_acquire`; with ``after_wait_s``, first block that long (at most) on the release
         signal, in the same round trip: Redis runs the try the moment the wait ends."""
-        keys, args = self._call(token, ttl_ms, stamp)
+        keys, args = self._call(token, ttl_ms, stamp, after_wait=bool(after_wait_s))
         if self.replicas.needed <= 0 and not after_wait_s:
             return self.grant_of(_ACQUIRE(self.client, keys=keys, args=args), token)
         pipe = self.client.pipeline(transaction=False)
@@ -109,8 +123,8 @@ class Semaphore:
         return SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]), slot=slot,
                          cap=int(res[5]))
 
-    def _call(self, token: str, ttl_ms: int, stamp: Stamp | None) -> tuple[list, list]:
-        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args]
+    def _call(self, token: str, ttl_ms: int, stamp: Stamp | None, *, after_wait: bool = False) -> tuple[list, list]:
+        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args, _SIGNAL_TTL_MS if after_wait else 0]
         if stamp is not None:
             keys = [*keys, stamp.record_key, stamp.index_key, *([stamp.attempts_key] if stamp.attempts_key else [])]
             args += [stamp.member, int(stamp.due_in_ms), *stamp.fields]
@@ -124,19 +138,38 @@ class Semaphore:
         ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
         record exists from then on, and each later try only stamps a grant into it).
         ``refused_ms``: a try just made was refused, the soonest slot expiring in that many ms
-        (:meth:`grant_of`): the first step is then a wait, not a second try straight away."""
+        (:meth:`grant_of`), or the task queues behind this process's waiters without a try
+        (:data:`QUEUED_MS`): the first step is then a wait, not a try straight away. A try after a
+        wait that wins a slot wakes the next waiter if another slot is still free."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
         got = refused_ms if refused_ms is not None else self._try(token, ttl_ms=ttl_ms, stamp=stamp)
         if stamp is not None and stamp.fields:
             stamp = replace(stamp, fields=())
-        while not isinstance(got, SlotGrant):
-            left_ms = (give_up - time.monotonic()) * 1000
-            if left_ms <= 0:
-                raise LeaseBusy(f"no free slot of {self.resource!r} (cap {self.limit.concurrency}) in time")
-            block_ms = max(10, min(got + 5, left_ms, _MAX_BLOCK_MS))
-            got = self._try(token, ttl_ms=ttl_ms, stamp=stamp, after_wait_s=block_ms / 1000)
+        with self._counted_waiting():
+            while not isinstance(got, SlotGrant):
+                left_ms = (give_up - time.monotonic()) * 1000
+                if left_ms <= 0:
+                    raise LeaseBusy(f"no free slot of {self.resource!r} (cap {self.limit.concurrency}) in time")
+                block_ms = max(10, min(got + 5, left_ms, _MAX_BLOCK_MS))
+                got = self._try(token, ttl_ms=ttl_ms, stamp=stamp, after_wait_s=block_ms / 1000)
         return got, (time.monotonic() - started) * 1000
+
+    def others_waiting(self) -> bool:
+        """Whether a task of this process waits for a slot of this semaphore now: every slot was held
+        when it last tried, and a release wakes a waiter (who passes the wake-up on while slots stay
+        free), so a try by a newcomer would most likely be refused."""
+        return _waiting[self._keys[3]] > 0
+
+    @contextmanager
+    def _counted_waiting(self):
+        with _waiting_lock:
+            _waiting[self._keys[3]] += 1
+        try:
+            yield
+        finally:
+            with _waiting_lock:
+                _waiting[self._keys[3]] -= 1
 
     def release(self, grant: SlotGrant, *, pipe=None):
         """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given)."""

@@ -9,14 +9,18 @@
 --         is the truth, taken with SET NX, so a stale hint can never hand one slot to two holders;
 --         a set that is not exactly 1..N is rebuilt from the keys, and with an adaptive cap lowered
 --         below N the keys are counted instead (PTTL each), so it cannot exceed the cap.
--- KEYS[5 .. 4+N] the slot lease keys
+-- KEYS[5] the release signal (list) the waiters block on
+-- KEYS[6 .. 5+N] the slot lease keys
 -- ARGV[1] token, ARGV[2] ttl ms, ARGV[3] N, ARGV[4] 1 if the cap is adaptive
 -- ARGV[5] the slot lease names without their number: slot i is <ARGV[5]><i> (its index member)
+-- ARGV[6] the signal's ttl in ms when this try follows a wait on the signal, else 0: such a try,
+--         granted, passes the wake-up on while a slot is still free (a release wakes one waiter,
+--         and the ones behind it would sleep out their wait with a slot free)
 -- Optionally, the in-flight record of the attempt the slot is for (so the attempt is on record
--- before it starts, with no other write): KEYS[5+N] the record (hash), KEYS[6+N] its queue's
--- in-flight index (task id -> deadline ms), KEYS[7+N] (optional) the list whose length + 1 is the
--- attempt number; ARGV[6] task id, ARGV[7] ms from the grant to the attempt's deadline,
--- ARGV[8 ..] the record's other fields (field, value pairs). Granted: lease, lease_token, fence,
+-- before it starts, with no other write): KEYS[6+N] the record (hash), KEYS[7+N] its queue's
+-- in-flight index (task id -> deadline ms), KEYS[8+N] (optional) the list whose length + 1 is the
+-- attempt number; ARGV[7] task id, ARGV[8] ms from the grant to the attempt's deadline,
+-- ARGV[9 ..] the record's other fields (field, value pairs). Granted: lease, lease_token, fence,
 -- started_ms and deadline_ms are the grant's. Not granted, with fields: the record of a task
 -- waiting for a slot, due at once (deadline 0: the reaper requeues it as soon as its worker is
 -- gone). Not granted, without fields: nothing written.
@@ -26,7 +30,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[2])
-local HELD = KEYS[4]
+local HELD, SIGNAL = KEYS[4], KEYS[5]
+local SLOT0 = 5  -- slot i's lease key is KEYS[SLOT0 + i]; the record's keys follow the last slot
+local pass_on_ttl = tonumber(ARGV[6])
 local cap = n
 if ARGV[4] == '1' then
     local c = tonumber(redis.call('HGET', KEYS[3], 'cap') or n)
@@ -58,7 +64,7 @@ local function scan(keep_hint)
     local taken, count, soonest = {}, 0, nil
     local rows = {'ZADD', HELD}
     for i = 1, n do
-        local pttl = redis.call('PTTL', KEYS[4 + i])
+        local pttl = redis.call('PTTL', KEYS[SLOT0 + i])
         local due = i  -- free: a deadline long past, lowest number first
         if pttl ~= -2 then
             taken[i] = true
@@ -83,7 +89,7 @@ local function take(taken, count, soonest)
         return nil, {0, soonest or 50, count, cap}
     end
     for i = 1, n do
-        if not taken[i] and redis.call('SET', KEYS[4 + i], ARGV[1], 'PX', ttl, 'NX') then
+        if not taken[i] and redis.call('SET', KEYS[SLOT0 + i], ARGV[1], 'PX', ttl, 'NX') then
             return i
         end
     end
@@ -91,32 +97,32 @@ local function take(taken, count, soonest)
 end
 
 local function stamp(granted, name, fence)
-    if #KEYS < 6 + n then
+    if #KEYS < SLOT0 + n + 2 then
         return
     end
     local due = 0
-    local call = {'HSET', KEYS[5 + n]}
+    local call = {'HSET', KEYS[SLOT0 + n + 1]}
     local function put(field, value)
         call[#call + 1] = field
         call[#call + 1] = value
     end
     if granted then
-        due = now + tonumber(ARGV[7])
+        due = now + tonumber(ARGV[8])
         put('lease', name); put('lease_token', ARGV[1]); put('fence', fence)
         put('started_ms', now); put('deadline_ms', due)
-    elseif #ARGV >= 8 then
+    elseif #ARGV >= 9 then
         put('lease', ''); put('lease_token', ''); put('fence', 0); put('started_ms', 0); put('deadline_ms', 0)
     else
         return
     end
-    if KEYS[7 + n] then
-        put('attempt', redis.call('LLEN', KEYS[7 + n]) + 1)
+    if KEYS[SLOT0 + n + 3] then
+        put('attempt', redis.call('LLEN', KEYS[SLOT0 + n + 3]) + 1)
     end
-    for i = 8, #ARGV do
+    for i = 9, #ARGV do
         call[#call + 1] = ARGV[i]
     end
     redis.call(unpack(call))
-    redis.call('ZADD', KEYS[6 + n], due, ARGV[6])
+    redis.call('ZADD', KEYS[SLOT0 + n + 2], due, ARGV[7])
 end
 
 local free, busy
@@ -126,7 +132,7 @@ if cap < n then
     free, busy = take(scan(true))
 else
     free, busy = read_hint()
-    if free and not redis.call('SET', KEYS[4 + free], ARGV[1], 'PX', ttl, 'NX') then
+    if free and not redis.call('SET', KEYS[SLOT0 + free], ARGV[1], 'PX', ttl, 'NX') then
         free = nil  -- the hint said free, the key says held: look at every key
     end
     if not free and not busy then
@@ -151,4 +157,12 @@ local name = ARGV[5] .. free
 redis.call('ZADD', KEYS[2], now + ttl, name)
 redis.call('ZADD', HELD, now + ttl, free)
 stamp(true, name, fence)
+if pass_on_ttl > 0 then
+    -- the lowest member now is another free slot (a hint: a wrong one costs a waiter a try, no more)
+    local lowest = redis.call('ZRANGE', HELD, 0, 0, 'WITHSCORES')
+    if lowest[2] and tonumber(lowest[2]) < now and redis.call('EXISTS', SIGNAL) == 0 then
+        redis.call('LPUSH', SIGNAL, '1')
+        redis.call('PEXPIRE', SIGNAL, pass_on_ttl)
+    end
+end
 return {1, free, fence, now + ttl, now, cap}
