@@ -56,7 +56,7 @@ class Consumer(BatchedTaskEvents, CeleryConsumer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.events_batch_s = get_settings().task_events_batch_ms / 1000
+        self.events_batch_s = self.batch_s_for(self.pool, get_settings().task_events_batch_ms)
 
     def on_unknown_task(self, body, message, exc):
         headers = _headers(message)

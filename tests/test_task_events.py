@@ -93,3 +93,16 @@ def test_a_worker_that_shuts_down_publishes_the_events_it_still_holds(base_env, 
         assert worker.stop() is not None
         wait_for(lambda: len(tap.events_of(r.id)) >= 3, 10, 0.05, what="the events flushed at shutdown")
         assert tap.events_of(r.id) == ["task-received", "task-started", "task-succeeded"]
+
+
+@pytest.mark.e2e
+def test_with_the_solo_pool_each_callouts_events_leave_before_the_next_callout_runs(base_env, redis_server, api,
+                                                                                  start, celery_app):
+    # solo runs a task on the event loop's thread: a held event would wait out the whole next callout,
+    # so there the events go out at the loop's next turn, as Celery sends them, whatever the batch time
+    with EventTap(redis_server.url) as tap:
+        start(procs.worker(dict(base_env, ONELANE_TASK_EVENTS_BATCH_MS="10000"), extra=["--pool", "solo"]))
+        r = celery_app.send_task("tasks.callout", kwargs={"url": f"{api.url}/ev"}, queue="serial")
+        r.get(timeout=30)
+        wait_for(lambda: len(tap.events_of(r.id)) >= 3, 5, 0.05, what="the events, not held 10 s")
+        assert tap.events_of(r.id) == ["task-received", "task-started", "task-succeeded"]
