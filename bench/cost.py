@@ -122,13 +122,25 @@ class Window:
         }
 
 
+#: the API's count of calls standing still this long means some callouts will never reach it (a baseline
+#: without a cap whose connections the overloaded API refused): their results say so
+STALLED_S = 3.0
+
+
 def wait_results(window: Window, api, task_ids: list[str], timeout_s: float, settle_s: float = 0.1) -> None:
-    """Until the API has seen every callout (counted in this process) and every task id has its result
-    in the backend (then one EXISTS over all of them per poll)."""
+    """Until the API has seen every callout (counted in this process; or its count stood still for
+    STALLED_S) and every task id has its result in the backend (then one EXISTS over all of them per
+    poll)."""
     give_up = time.monotonic() + timeout_s
+    seen, moved = len(api.calls), time.monotonic()
     while len(api.calls) < len(task_ids):
-        if time.monotonic() > give_up:
+        now = time.monotonic()
+        if now > give_up:
             raise TimeoutError(f"the API saw {len(api.calls)} of {len(task_ids)} callouts within {timeout_s} s")
+        if len(api.calls) != seen:
+            seen, moved = len(api.calls), now
+        elif now - moved > STALLED_S:
+            break
         time.sleep(0.02)
     keys = [f"celery-task-meta-{t}" for t in task_ids]
     while window.command("EXISTS", *keys) < len(keys):
