@@ -14,6 +14,7 @@ outcomes of the last 60 to 70 seconds: never fewer than happened in the minute.
 from __future__ import annotations
 
 from onelane.core.keys import Keys
+from onelane.core.text import text
 
 #: the width of one counting step
 STEP_MS = 10_000
@@ -47,11 +48,11 @@ def stale(fields, *, now_ms: int) -> list[str]:
     for raw in fields:
         parsed = _parse(raw)
         if parsed is None or parsed[1] < first:
-            out.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+            out.append(text(raw))
     return out
 
 
 def _parse(raw) -> tuple[str, int] | None:
     """("success", 178903412) from b"success:178903412"; None for any other form."""
-    outcome, _, step = (raw.decode() if isinstance(raw, bytes) else str(raw)).partition(":")
+    outcome, _, step = text(raw).partition(":")
     return (outcome, int(step)) if step.isdigit() else None
