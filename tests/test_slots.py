@@ -355,9 +355,10 @@ def test_tries_under_a_lowered_adaptive_cap_count_the_keys_without_rewriting_the
     assert calls["pttl"] == 20 and "zadd" not in calls and "del" not in calls, calls
 
 
-def test_a_newcomer_queues_behind_its_processes_waiters_recorded_as_waiting_without_a_try(redis_client):
+def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflights_round_trip(redis_client):
     # Given a cap of 1, held, and a task of this process waiting for the slot
     from onelane.callout.permit import SlotPermit
+    from onelane.coordination import slots
     from onelane.delivery.inflight import Inflight, InflightRecord
 
     inflight = Inflight(redis_client, KEYS)
@@ -368,35 +369,60 @@ def test_a_newcomer_queues_behind_its_processes_waiters_recorded_as_waiting_with
         first=permit.slots.acquire(new_token(), ttl_ms=TTL_MS, wait_ms=10_000)))
     waiter.start()
     assert wait_until(permit.slots.others_waiting), "the first task is waiting"
-    # When a newcomer's preflight asks ahead
+    time.sleep(0.3)  # its first try was refused: it blocks on the release signal
+    # When a newcomer's preflight asks ahead (its round trip: the record, a wait, then a try)
     record = InflightRecord(task_id="t7", queue="bulk", resource="acme", owner="w9", lease="", lease_token="",
                             fence=0, started_ms=0, deadline_ms=0, attempt=1, delivery_tag="tag7", host="h", pid=1,
                             kwargs={})
     redis_client.config_resetstat()
     pipe = redis_client.pipeline(transaction=False)
-    assert permit.speculate(pipe, record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000) == 2
-    assert permit.speculated(pipe.execute(), token="tok7") is None
-    # Then it made no try (no script), and it is on record as waiting, due at once for the reaper
+    assert permit.speculate(pipe, record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000) == 4
+    later = {}
+
+    def preflight():
+        try:
+            replies = pipe.execute()
+        finally:
+            later["waited_ms"] = permit.speculation_over()
+        later["got"] = permit.speculated(replies, token="tok7")
+
+    newcomer = threading.Thread(target=preflight)
+    newcomer.start()
+    time.sleep(0.3)
+    # Then it made no try before its wait (no script), it counts as waiting too (so later newcomers
+    # queue behind it), and it is on record as waiting, due at once for the reaper
     assert "evalsha" not in commands(redis_client)
+    assert slots._waiting[KEYS.slots_held("acme")] == 2
     assert not permit.stamps_attempt  # its record carries the run's attempt number
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
     assert (h["owner"], h["lease"], h["deadline_ms"], h["attempt"]) == ("w9", "", "0", "1")
     assert redis_client.zscore(KEYS.inflight_index("bulk"), "t7") == 0
-    # and when the slot comes free twice, the first waiter has it first and the newcomer after it
-    later = {}
-    newcomer = threading.Thread(target=lambda: later.update(got=permit.acquire(
-        record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000, redis_now_ms=0, recorded=True)))
-    newcomer.start()
-    time.sleep(0.3)
+    # and when the slot comes free twice, the first waiter has it first and the newcomer after it,
+    # woken by the release in the preflight's own round trip (well before its 2 s block ends)
     permit.slots.release(held)
     waiter.join(timeout=15)
     first, _ = out["first"]
+    assert newcomer.is_alive(), "the newcomer still waits while the first waiter holds the slot"
+    released = time.monotonic()
     permit.slots.release(first)
     newcomer.join(timeout=15)
-    grant, waited_ms = later["got"]
-    assert isinstance(grant, SlotGrant) and waited_ms < 1_500, "woken by the release, not by its block's end"
+    grant = later["got"]
+    assert isinstance(grant, SlotGrant), grant
+    assert time.monotonic() - released < 1.5, "woken by the release, not by its block's end"
+    assert later["waited_ms"] >= 300
+    assert slots._waiting[KEYS.slots_held("acme")] == 0, "no longer counted as waiting"
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
     assert (h["owner"], h["lease_token"], h["fence"]) == ("w9", "tok7", str(grant.fence))
+    # and a second preflight of that task (a paused lane's, one tried again) tries at once, even
+    # behind waiters: its wait is over (a second end of the first is a no-op)
+    assert permit.speculation_over() == 0.0 and slots._waiting[KEYS.slots_held("acme")] == 0
+    permit.slots.begin_waiting()  # another task of this process waits
+    try:
+        pipe = redis_client.pipeline(transaction=False)
+        assert permit.speculate(pipe, record, token="tok8", ttl_ms=TTL_MS, timeout_ms=5_000) == 1
+        pipe.reset()
+    finally:
+        permit.slots.end_waiting()
 
 
 def test_a_woken_waiter_that_wins_a_slot_wakes_the_next_while_another_slot_is_free(redis_client):

@@ -19,6 +19,7 @@ once); a grant is held at most its TTL (the attempt's deadline plus the lease gr
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Protocol
 
@@ -48,10 +49,17 @@ class Permit(Protocol):
 
     def speculate(self, pipe, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int) -> int:
         """Queue a first try for the permit, with the in-flight record, on the preflight's pipeline;
-        return how many replies it adds (0: this permit does not try ahead)."""
+        return how many replies it adds (0: this permit does not try ahead). The try may follow a
+        wait for a release in the same round trip (at most 2 s: a slot, queued behind this process's
+        waiters)."""
 
     def speculated(self, replies: list, *, token: str) -> Grant | None:
         """The grant the queued try won, or None (the permit is busy: :meth:`acquire` waits)."""
+
+    def speculation_over(self) -> float:
+        """The preflight's round trip ended, replied or not (called whatever happened, after each
+        :meth:`speculate` or its attempt; a second call is a no-op); return the ms the queued try
+        waited for the permit in it (0: no wait)."""
 
     def acquire(self, record: InflightRecord, *, token: str, ttl_ms: int, timeout_ms: int,
                 redis_now_ms: int, recorded: bool = False) -> tuple[Grant, float]:
@@ -122,6 +130,9 @@ class SerialPermit:
         got = self.lease.acquire_reply(token, replies[0])
         return got if isinstance(got, Grant) else None
 
+    def speculation_over(self):
+        return 0.0  # the try ahead never waits: a busy lease is rare (a killed attempt's), acquire blocks
+
     @property
     def stamps_attempt(self) -> bool:
         return self._quick is None  # the script counted the attempt; plain commands wrote the run's
@@ -178,32 +189,49 @@ class SlotPermit:
         self._refused_ms: int | None = None
         #: the preflight queued this task behind the process's waiters instead of trying for a slot
         self._queued = False
+        #: monotonic time the queued preflight began to wait (counted as waiting till it is over)
+        self._queued_at: float | None = None
+        #: the last preflight waited for a slot: the next one (a paused lane's, a try again) tries at once
+        self._waited_last = False
 
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         if self.rate is not None:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
-        self._queued = self.slots.others_waiting()
+        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        self._queued = self.slots.others_waiting() and not self._waited_last
+        self._waited_last = False
         if self._queued:
             # Another task of this process waits for a slot: a try now would most likely be refused,
             # and a try is a script, the dearest step of a capped callout. The task is recorded as
-            # waiting (plain commands; due at once, as a refused try records it) and queues behind.
+            # waiting (plain commands; due at once, as a refused try records it), then queues behind:
+            # its first wait for a release, and the try that follows it, are in the preflight's round
+            # trip too (its reads come first; a grant is given back if they say the attempt must not
+            # start). It counts as waiting meanwhile, so newcomers queue behind it in turn.
             self.inflight.record(replace(record, lease="", lease_token="", fence=0, started_ms=0, deadline_ms=0),
                                  pipe=pipe)
-            return 2
+            n = self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=replace(stamp, fields=()),
+                                     after_wait_ms=QUEUED_MS)
+            self.slots.begin_waiting()
+            self._queued_at = time.monotonic()
+            return 2 + n
         # Usually a slot is free: the grant and the in-flight record travel with the preflight's
         # reads, as for a serial lease (given back if the preflight finds the attempt must not start)
-        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
-        self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp)
-        return 1
+        return self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp)
 
     def speculated(self, replies, *, token):
-        if self._queued:
-            self._refused_ms = QUEUED_MS  # acquire waits first
-            return None
-        got = self.slots.grant_of(replies[0], token)
+        got = self.slots.grant_of(replies[-1], token)
         #: the refusal of the try ahead (ms until the soonest slot expires), so acquire waits first
         self._refused_ms = None if isinstance(got, SlotGrant) else got
         return got if isinstance(got, SlotGrant) else None
+
+    def speculation_over(self):
+        if self._queued_at is None:
+            return 0.0
+        waited_ms = (time.monotonic() - self._queued_at) * 1000
+        self.slots.end_waiting()
+        self._queued_at = None
+        self._waited_last = True
+        return waited_ms
 
     def acquire(self, record, *, token, ttl_ms, timeout_ms, redis_now_ms, recorded=False):
         # The in-flight record is written by the first try for a slot, granted or not (a waiting task

@@ -107,13 +107,16 @@ class Preflight:
     paused: bool
     circuit: CircuitState
     redis_ms: int
-    #: the run's clock.monotonic() when the read came back
+    #: the run's clock.monotonic() when the read came back (as it was sent, when it waited for a slot)
     read_at: float
     #: the token of the permit tried ahead, and its grant if the try won (None: not tried, or busy)
     token: str = ""
     grant: Grant | None = None
     #: the try ahead wrote this attempt's whole in-flight record, and it stands (a wait only stamps it)
     recorded: bool = False
+    #: ms the try ahead waited for the permit, in the preflight's round trip (a task queued behind
+    #: its process's waiters for a slot)
+    waited_ms: float = 0.0
 
 
 @dataclass
@@ -207,23 +210,30 @@ class CalloutRun:
     # -- before an attempt --------------------------------------------------------------------
     def preflight(self) -> Preflight:
         """One round trip for everything before an attempt: recorded outcome, attempts so far,
-        pause, circuit, the Redis clock — and, for a serial resource, the lease and the in-flight
-        record, tried ahead; on the first, the claim of a message the fast take delivered (recorded
-        as unacked, off the worker's fetch list). When something stands in the way (an outcome, a
+        pause, circuit, the Redis clock — and the permit (the lease, or a slot) and the in-flight
+        record, tried ahead (a task queued behind its process's waiters for a slot waits for a release
+        in this round trip, then tries); on the first, the claim of a message the fast take delivered
+        (recorded as unacked, off the worker's fetch list) and, on the bulk queue, its receiver. When something stands in the way (an outcome, a
         pause, an open circuit, no attempts left) a lease won ahead is given back at once."""
         # one token for every try of this read: a try whose reply was lost (a failover) may have won
         # the lease, and the next try is then a re-grant to the same token, not a second lease
         token = new_token()
         return self._redis(lambda: self._preflight(token))
 
-    def _preflight(self, token: str) -> Preflight:
+    def _preflight(self, token: str, waited_before_ms: float = 0.0) -> Preflight:
         d, s = self.delivery, self.settings
         record = self._record(attempt=self._next_attempt)
         pipe = self.client.pipeline(transaction=False)
-        claimed = 0
+        claimed = 0  # replies before the reads: the claim's, and the receiver record's
         if self._unclaimed:  # first of all: the message is unacked before anything is in flight
             claimed = queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
                                   message=d.fetched, exchange=d.exchange, routing_key=d.queue)
+        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
+            # the receiver record (the claim's, or again: the worker wrote it on receipt, and this
+            # covers a Redis error then), before the try ahead: a wait for a slot may follow it in
+            # this round trip, and the reaper finds a dead receiver's messages by this record
+            pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
+            claimed += 1
         # the recorded outcome and the pause flag: one MGET
         outcome_values = self.ledger.preflight(pipe, d.task_id, self.idempotency_key,
                                                also=[self.keys.paused(d.queue)])
@@ -232,16 +242,19 @@ class CalloutRun:
         keyed = self.request.coalesce_key is not None
         if keyed:  # the ids it carries: fixed once a worker took it
             coalescing.read_carried(self.client, self.keys, queue=d.queue, task_id=d.task_id, pipe=pipe)
-        ahead = self.permits.speculate(pipe, record, token=token, ttl_ms=self._ttl_ms(), timeout_ms=self.timeout_ms)
-        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
-            # the receiver record again (the worker wrote it on receipt; this covers a Redis error then)
-            pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
-        waited = ahead and self.replicas.queue_wait(pipe)  # the grant counts only once replicated
         try:
+            ahead = self.permits.speculate(pipe, record, token=token, ttl_ms=self._ttl_ms(),
+                                           timeout_ms=self.timeout_ms)
+            waited = ahead and self.replicas.queue_wait(pipe)  # the grant counts only once replicated
+            sent_at = self.clock.monotonic()
             replies = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis lost its script cache (a restart): load again
+            replies = None
+        finally:  # whatever happened (a wait for a slot counts the task as waiting until this)
+            waited_ms = waited_before_ms + self.permits.speculation_over()
+        if replies is None:
             forget(self.client)
-            return self._preflight(token)
+            return self._preflight(token, waited_ms)  # a wait in it is over: the permit tries at once
         self._unclaimed = False
         values, finished, circuit_raw, now = replies[claimed:claimed + 4]
         recorded, paused = values[:outcome_values], values[outcome_values]
@@ -251,15 +264,19 @@ class CalloutRun:
             first += 1
         grant = self.permits.speculated(replies[first:first + ahead], token=token) if ahead else None
         redis_ms = time_ms(now)
-        if not waited:  # a reading that waited for replicas is too old to estimate the clock by
+        if not waited and not waited_ms:  # a reading that waited (replicas, a slot) is too old to estimate the clock by
             note_redis_now(redis_ms)
+        # the clock was read before a wait for a slot in the same round trip: the circuit is judged at its end
+        circuit_now_ms = redis_ms + int(waited_ms)
         prior = None
         if self._first_read:
             self._first_read = False
             prior = self.ledger.outcome_from(recorded)
         check = Preflight(prior=prior, attempt=int(finished) + 1, paused=paused is not None,
-                          circuit=self.circuit.state_from(circuit_raw, redis_ms), redis_ms=redis_ms,
-                          read_at=self.clock.monotonic(), token=token, grant=grant, recorded=bool(ahead))
+                          circuit=self.circuit.state_from(circuit_raw, circuit_now_ms), redis_ms=redis_ms,
+                          # the Redis clock was read as the round trip began: before a wait for a slot in it
+                          read_at=sent_at if waited_ms else self.clock.monotonic(), token=token, grant=grant,
+                          recorded=bool(ahead), waited_ms=waited_ms)
         self._next_attempt = check.attempt
         if ahead and (prior is not None or check.attempt > self.policy.max_attempts or check.paused
                       or check.circuit.blocked_for_ms):
@@ -350,7 +367,7 @@ class CalloutRun:
         transaction released it already.
         """
         if check.grant is not None:  # won ahead, in the preflight's round trip
-            grant, waited_ms = check.grant, 0.0
+            grant, waited_ms = check.grant, check.waited_ms
         else:
             # the Redis clock now, estimated from the preflight read (no extra round trip)
             now_ms = check.redis_ms + int((self.clock.monotonic() - check.read_at) * 1000)
@@ -362,6 +379,7 @@ class CalloutRun:
                     recorded=check.recorded))
             except LeaseBusy as exc:
                 raise self.dead_letter(f"{exc}; gave up waiting") from None
+            waited_ms += check.waited_ms  # a wait in the preflight that ended without a slot
         attempt = Attempt(check.attempt, grant, waited_ms,
                           circuit_clean=check.circuit.state == "closed" and not check.circuit.failures)
         try:

@@ -6,7 +6,8 @@ lease, so a killed holder's slot comes back when its deadline passes; waiting bl
 release signal with a bounded timeout, never polling Redis in a loop. A release wakes one
 waiter, and a waiter that wins a slot wakes the next while another slot is free, so no waiter
 sleeps out its block beside a free slot; a task whose process already has one waiting can
-queue behind it without a try of its own (:meth:`Semaphore.others_waiting`). The fencing counter
+queue behind it without a try of its own (:meth:`Semaphore.others_waiting`), its first wait and
+the try after it queued on its preflight's round trip (:meth:`Semaphore.queue_try`). The fencing counter
 is the resource's own (shared with its serial lease), so tokens grow across both.
 
 A grant or a refusal reads one member of a sorted set holding every slot (``Keys.slots_held``:
@@ -39,8 +40,8 @@ _RELEASE = LuaScript(__package__, "lease_release")
 _SIGNAL_TTL_MS = 10_000
 _MAX_BLOCK_MS = 2_000
 
-#: the first wait of a task that queues behind this process's waiters without a try (the longest
-#: block: a release, or a waiter passing the wake-up on, ends it)
+#: the first wait of a task that queues behind this process's waiters without a try, in its
+#: preflight's round trip (the longest block: a release, or a waiter passing the wake-up on, ends it)
 QUEUED_MS = _MAX_BLOCK_MS
 
 #: tasks of this process waiting for a slot, per semaphore (its slot set's key), and their lock
@@ -108,10 +109,16 @@ class Semaphore:
                                 self.replicas.needed)
         return got
 
-    def queue_try(self, pipe, token: str, *, ttl_ms: int, stamp: Stamp | None = None) -> None:
-        """Queue one :meth:`try_acquire` on ``pipe`` (read its reply with :meth:`grant_of`)."""
-        keys, args = self._call(token, ttl_ms, stamp)
+    def queue_try(self, pipe, token: str, *, ttl_ms: int, stamp: Stamp | None = None, after_wait_ms: int = 0) -> int:
+        """Queue one :meth:`try_acquire` on ``pipe``; return how many replies it adds (read the last
+        with :meth:`grant_of`). With ``after_wait_ms``, a block on the release signal first (at most
+        that long, as :meth:`acquire`'s waits: one waiter woken per release, passing the wake-up on
+        while a slot is free): the try runs the moment the wait ends, in the same round trip."""
+        keys, args = self._call(token, ttl_ms, stamp, after_wait=bool(after_wait_ms))
+        if after_wait_ms:
+            pipe.blpop([self.keys.slot_signal(self.resource)], timeout=min(after_wait_ms, _MAX_BLOCK_MS) / 1000)
         _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+        return 2 if after_wait_ms else 1
 
     def grant_of(self, res, token: str) -> SlotGrant | int:
         """The :class:`SlotGrant` a try answered, or the ms until the soonest slot expires."""
@@ -138,8 +145,7 @@ class Semaphore:
         ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
         record exists from then on, and each later try only stamps a grant into it).
         ``refused_ms``: a try just made was refused, the soonest slot expiring in that many ms
-        (:meth:`grant_of`), or the task queues behind this process's waiters without a try
-        (:data:`QUEUED_MS`): the first step is then a wait, not a try straight away. A try after a
+        (:meth:`grant_of`): the first step is then a wait, not a try straight away. A try after a
         wait that wins a slot wakes the next waiter if another slot is still free."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
@@ -156,20 +162,28 @@ class Semaphore:
         return got, (time.monotonic() - started) * 1000
 
     def others_waiting(self) -> bool:
-        """Whether a task of this process waits for a slot of this semaphore now: every slot was held
-        when it last tried, and a release wakes a waiter (who passes the wake-up on while slots stay
-        free), so a try by a newcomer would most likely be refused."""
+        """Whether a task of this process waits for a slot of this semaphore now (every slot was held
+        when it last tried, or it queued behind such a one), and a release wakes a waiter (who passes
+        the wake-up on while slots stay free), so a try by a newcomer would most likely be refused."""
         return _waiting[self._keys[3]] > 0
+
+    def begin_waiting(self) -> None:
+        """Count a task of this process as waiting for a slot (:meth:`others_waiting`) until
+        :meth:`end_waiting`, which must follow whatever happens."""
+        with _waiting_lock:
+            _waiting[self._keys[3]] += 1
+
+    def end_waiting(self) -> None:
+        with _waiting_lock:
+            _waiting[self._keys[3]] -= 1
 
     @contextmanager
     def _counted_waiting(self):
-        with _waiting_lock:
-            _waiting[self._keys[3]] += 1
+        self.begin_waiting()
         try:
             yield
         finally:
-            with _waiting_lock:
-                _waiting[self._keys[3]] -= 1
+            self.end_waiting()
 
     def release(self, grant: SlotGrant, *, pipe=None):
         """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given)."""
