@@ -462,3 +462,24 @@ def wait_until(predicate, timeout_s: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_a_try_again_after_a_lost_reply_is_granted_the_slot_the_lost_try_won_not_a_second(redis_client):
+    # Given a try whose reply never came back (sent, run by Redis, the connection lost before the reply)
+    sem = semaphore(redis_client, 3)
+    token = new_token()
+    pipe = redis_client.pipeline(transaction=False)
+    sem.queue_try(pipe, token, ttl_ms=TTL_MS)
+    pipe.execute()  # the reply is never read: as if lost
+    assert sem.held() == 1
+    # When the same token tries again
+    redis_client.config_resetstat()
+    grant = sem.try_acquire(token, ttl_ms=TTL_MS)
+    # Then it has the slot the lost try won, with a new fence, and holds one slot, not two
+    assert isinstance(grant, SlotGrant) and grant.slot == 1
+    assert sem.held() == 1 and redis_client.get(KEYS.lease(grant.name)).decode() == token
+    assert commands(redis_client).get("get", 0) >= 1  # it looked for the slot: only on a try again
+    # and a try that was answered never looks: the next token's first try reads no slot key
+    redis_client.config_resetstat()
+    other = sem.try_acquire(new_token(), ttl_ms=TTL_MS)
+    assert isinstance(other, SlotGrant) and other.slot == 2 and "get" not in commands(redis_client)

@@ -7,8 +7,10 @@ release signal with a bounded timeout, never polling Redis in a loop. A release 
 waiter, and a waiter that wins a slot wakes the next while another slot is free, so no waiter
 sleeps out its block beside a free slot; a task whose process already has one waiting can
 queue behind it without a try of its own (:meth:`Semaphore.others_waiting`), its first wait and
-the try after it queued on its preflight's round trip (:meth:`Semaphore.queue_try`). The fencing counter
-is the resource's own (shared with its serial lease), so tokens grow across both.
+the try after it queued on its preflight's round trip (:meth:`Semaphore.queue_try`). A try again
+with a token whose last try's reply was lost is granted the slot that try may have won, never a
+second one. The fencing counter is the resource's own (shared with its serial lease), so tokens
+grow across both.
 
 A grant or a refusal reads one member of a sorted set holding every slot (``Keys.slots_held``:
 slot number -> deadline; a free slot scores its own number, a time long past) instead of the
@@ -73,6 +75,9 @@ class Semaphore:
                       keys.slots_held(resource), keys.slot_signal(resource), *[keys.lease(n) for n in self.names]]
         self._name_prefix = keys.slot(resource, "")
         self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, self._name_prefix]
+        #: tokens whose last try was sent and its reply not read (lost with a connection): a try
+        #: again with one first looks for the slot the lost try may have won
+        self._unanswered: set[str] = set()
 
     def try_acquire(self, token: str, *, ttl_ms: int, stamp: Stamp | None = None) -> SlotGrant | int:
         """A :class:`SlotGrant`, or the ms until the soonest slot expires.
@@ -122,6 +127,7 @@ class Semaphore:
 
     def grant_of(self, res, token: str) -> SlotGrant | int:
         """The :class:`SlotGrant` a try answered, or the ms until the soonest slot expires."""
+        self._unanswered.discard(token)
         if not isinstance(res, list) or len(res) < 2:
             raise UnexpectedReply(f"script semaphore_acquire answered {res!r}")
         if int(res[0]) != 1:
@@ -131,7 +137,9 @@ class Semaphore:
                          cap=int(res[5]))
 
     def _call(self, token: str, ttl_ms: int, stamp: Stamp | None, *, after_wait: bool = False) -> tuple[list, list]:
-        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args, _SIGNAL_TTL_MS if after_wait else 0]
+        again = 1 if token in self._unanswered else 0
+        self._unanswered.add(token)  # until grant_of reads the reply
+        keys, args = self._keys, [token, int(ttl_ms), *self._fixed_args, _SIGNAL_TTL_MS if after_wait else 0, again]
         if stamp is not None:
             keys = [*keys, stamp.record_key, stamp.index_key, *([stamp.attempts_key] if stamp.attempts_key else [])]
             args += [stamp.member, int(stamp.due_in_ms), *stamp.fields]

@@ -16,11 +16,14 @@
 -- ARGV[6] the signal's ttl in ms when this try follows a wait on the signal, else 0: such a try,
 --         granted, passes the wake-up on while a slot is still free (a release wakes one waiter,
 --         and the ones behind it would sleep out their wait with a slot free)
+-- ARGV[7] 1 when an earlier try with this token went unanswered (a lost reply: it may have won a
+--         slot), else 0: a slot the token holds is granted again (a new fence, its deadline
+--         extended), so a try again never holds two slots. Only then are the slots read one by one.
 -- Optionally, the in-flight record of the attempt the slot is for (so the attempt is on record
 -- before it starts, with no other write): KEYS[6+N] the record (hash), KEYS[7+N] its queue's
 -- in-flight index (task id -> deadline ms), KEYS[8+N] (optional) the list whose length + 1 is the
--- attempt number; ARGV[7] task id, ARGV[8] ms from the grant to the attempt's deadline,
--- ARGV[9 ..] the record's other fields (field, value pairs). Granted: lease, lease_token, fence,
+-- attempt number; ARGV[8] task id, ARGV[9] ms from the grant to the attempt's deadline,
+-- ARGV[10 ..] the record's other fields (field, value pairs). Granted: lease, lease_token, fence,
 -- started_ms and deadline_ms are the grant's. Not granted, with fields: the record of a task
 -- waiting for a slot, due at once (deadline 0: the reaper requeues it as soon as its worker is
 -- gone). Not granted, without fields: nothing written.
@@ -107,10 +110,10 @@ local function stamp(granted, name, fence)
         call[#call + 1] = value
     end
     if granted then
-        due = now + tonumber(ARGV[8])
+        due = now + tonumber(ARGV[9])
         put('lease', name); put('lease_token', ARGV[1]); put('fence', fence)
         put('started_ms', now); put('deadline_ms', due)
-    elseif #ARGV >= 9 then
+    elseif #ARGV >= 10 then
         put('lease', ''); put('lease_token', ''); put('fence', 0); put('started_ms', 0); put('deadline_ms', 0)
     else
         return
@@ -118,15 +121,28 @@ local function stamp(granted, name, fence)
     if KEYS[SLOT0 + n + 3] then
         put('attempt', redis.call('LLEN', KEYS[SLOT0 + n + 3]) + 1)
     end
-    for i = 9, #ARGV do
+    for i = 10, #ARGV do
         call[#call + 1] = ARGV[i]
     end
     redis.call(unpack(call))
-    redis.call('ZADD', KEYS[SLOT0 + n + 2], due, ARGV[7])
+    redis.call('ZADD', KEYS[SLOT0 + n + 2], due, ARGV[8])
 end
 
 local free, busy
-if cap < n then
+if ARGV[7] == '1' then
+    -- a try again after a lost reply: the slot an unanswered try of this token may have won
+    for i = 1, n do
+        local v = redis.call('GET', KEYS[SLOT0 + i])
+        if v and string.match(v, '^[^\n]*') == ARGV[1] then
+            redis.call('PEXPIRE', KEYS[SLOT0 + i], ttl)
+            free = i
+            break
+        end
+    end
+end
+if free then
+    -- held already: granted again below
+elseif cap < n then
     -- a cap lowered below N (adaptive) is checked against the keys themselves: SET NX alone keeps
     -- at most N holders, and a hint missing a held slot must not let one more in under the cap
     free, busy = take(scan(true))
