@@ -73,6 +73,8 @@ class Semaphore:
         # the script's keys and the arguments that never change, built once
         self._keys = [keys.lease_fence(self.fence_name), keys.lease_index, keys.adaptive(resource),
                       keys.slots_held(resource), keys.slot_signal(resource), *[keys.lease(n) for n in self.names]]
+        #: the count of this process's waiters (:meth:`others_waiting`) goes by the slot set's key
+        self._waiting_key = keys.slots_held(resource)
         self._name_prefix = keys.slot(resource, "")
         self._fixed_args = [limit.concurrency, 1 if limit.adaptive else 0, self._name_prefix]
         #: tokens whose last try was sent and its reply not read (lost with a connection): a try
@@ -89,23 +91,21 @@ class Semaphore:
         """
         return self._try(token, ttl_ms=ttl_ms, stamp=stamp)
 
-    def _try(self, token: str, *, ttl_ms: int, stamp: Stamp | None, after_wait_s: float = 0.0) -> SlotGrant | int:
-        """:meth:`try_acquire`; with ``after_wait_s``, first block that long (at most) on the release
+    def _try(self, token: str, *, ttl_ms: int, stamp: Stamp | None, after_wait_ms: float = 0) -> SlotGrant | int:
+        """:meth:`try_acquire`; with ``after_wait_ms``, first block that long (at most) on the release
         signal, in the same round trip: Redis runs the try the moment the wait ends."""
-        keys, args = self._call(token, ttl_ms, stamp, after_wait=bool(after_wait_s))
-        if self.replicas.needed <= 0 and not after_wait_s:
+        if self.replicas.needed <= 0 and not after_wait_ms:
+            keys, args = self._call(token, ttl_ms, stamp)
             return self.grant_of(_ACQUIRE(self.client, keys=keys, args=args), token)
         pipe = self.client.pipeline(transaction=False)
-        if after_wait_s:
-            pipe.blpop([self.keys.slot_signal(self.resource)], timeout=after_wait_s)
-        _ACQUIRE.queue_on(pipe, self.client, keys=keys, args=args)
+        queued = self.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp, after_wait_ms=after_wait_ms)
         self.replicas.queue_wait(pipe)
         try:
             replies = pipe.execute()
         except NoScriptError:
             forget(self.client)  # Redis lost its script cache (a restart): the wait, if any, is over
             return self._try(token, ttl_ms=ttl_ms, stamp=stamp)
-        res, *confirmed = replies[1:] if after_wait_s else replies
+        res, *confirmed = replies[queued - 1:]
         got = self.grant_of(res, token)
         if isinstance(got, SlotGrant) and self.replicas.needed > 0 and not self.replicas.confirmed(confirmed):
             self.release(got)
@@ -114,7 +114,7 @@ class Semaphore:
                                 self.replicas.needed)
         return got
 
-    def queue_try(self, pipe, token: str, *, ttl_ms: int, stamp: Stamp | None = None, after_wait_ms: int = 0) -> int:
+    def queue_try(self, pipe, token: str, *, ttl_ms: int, stamp: Stamp | None = None, after_wait_ms: float = 0) -> int:
         """Queue one :meth:`try_acquire` on ``pipe``; return how many replies it adds (read the last
         with :meth:`grant_of`). With ``after_wait_ms``, a block on the release signal first (at most
         that long, as :meth:`acquire`'s waits: one waiter woken per release, passing the wake-up on
@@ -166,24 +166,24 @@ class Semaphore:
                 if left_ms <= 0:
                     raise LeaseBusy(f"no free slot of {self.resource!r} (cap {self.limit.concurrency}) in time")
                 block_ms = max(10, min(got + 5, left_ms, _MAX_BLOCK_MS))
-                got = self._try(token, ttl_ms=ttl_ms, stamp=stamp, after_wait_s=block_ms / 1000)
+                got = self._try(token, ttl_ms=ttl_ms, stamp=stamp, after_wait_ms=block_ms)
         return got, (time.monotonic() - started) * 1000
 
     def others_waiting(self) -> bool:
         """Whether a task of this process waits for a slot of this semaphore now (every slot was held
         when it last tried, or it queued behind such a one), and a release wakes a waiter (who passes
         the wake-up on while slots stay free), so a try by a newcomer would most likely be refused."""
-        return _waiting[self._keys[3]] > 0
+        return _waiting[self._waiting_key] > 0
 
     def begin_waiting(self) -> None:
         """Count a task of this process as waiting for a slot (:meth:`others_waiting`) until
         :meth:`end_waiting`, which must follow whatever happens."""
         with _waiting_lock:
-            _waiting[self._keys[3]] += 1
+            _waiting[self._waiting_key] += 1
 
     def end_waiting(self) -> None:
         with _waiting_lock:
-            _waiting[self._keys[3]] -= 1
+            _waiting[self._waiting_key] -= 1
 
     @contextmanager
     def _counted_waiting(self):
