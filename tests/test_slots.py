@@ -2,6 +2,7 @@
 hint that makes a grant O(1), and why a stale hint can never hand one slot to two holders."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -370,13 +371,13 @@ def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflig
     waiter.start()
     assert wait_until(permit.slots.others_waiting), "the first task is waiting"
     time.sleep(0.3)  # its first try was refused: it blocks on the release signal
-    # When a newcomer's preflight asks ahead (its round trip: the record, a wait, then a try)
+    # When a newcomer's preflight asks ahead (its round trip: a wait, then a try that writes the record)
     record = InflightRecord(task_id="t7", queue="bulk", resource="acme", owner="w9", lease="", lease_token="",
                             fence=0, started_ms=0, deadline_ms=0, attempt=1, delivery_tag="tag7", host="h", pid=1,
                             kwargs={})
     redis_client.config_resetstat()
     pipe = redis_client.pipeline(transaction=False)
-    assert permit.speculate(pipe, record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000) == 4
+    assert permit.speculate(pipe, record, token="tok7", ttl_ms=TTL_MS, timeout_ms=5_000) == 2
     later = {}
 
     def preflight():
@@ -389,14 +390,12 @@ def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflig
     newcomer = threading.Thread(target=preflight)
     newcomer.start()
     time.sleep(0.3)
-    # Then it made no try before its wait (no script), it counts as waiting too (so later newcomers
-    # queue behind it), and it is on record as waiting, due at once for the reaper
-    assert "evalsha" not in commands(redis_client)
+    # Then it made no try before its wait (no script) and wrote nothing (its message is covered by
+    # its receiver record meanwhile), and it counts as waiting too (so later newcomers queue behind it)
+    calls = commands(redis_client)
+    assert "evalsha" not in calls and "hset" not in calls and "zadd" not in calls, calls
     assert slots._waiting[KEYS.slots_held("acme")] == 2
-    assert not permit.stamps_attempt  # its record carries the run's attempt number
-    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
-    assert (h["owner"], h["lease"], h["deadline_ms"], h["attempt"]) == ("w9", "", "0", "1")
-    assert redis_client.zscore(KEYS.inflight_index("bulk"), "t7") == 0
+    assert permit.stamps_attempt  # the try after the wait numbers the attempt
     # and when the slot comes free twice, the first waiter has it first and the newcomer after it,
     # woken by the release in the preflight's own round trip (well before its 2 s block ends)
     permit.slots.release(held)
@@ -411,8 +410,11 @@ def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflig
     assert time.monotonic() - released < 1.5, "woken by the release, not by its block's end"
     assert later["waited_ms"] >= 300
     assert slots._waiting[KEYS.slots_held("acme")] == 0, "no longer counted as waiting"
+    # and the try that won wrote the whole record: the task's, the grant's, numbered from the ledger
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t7")).items()}
-    assert (h["owner"], h["lease_token"], h["fence"]) == ("w9", "tok7", str(grant.fence))
+    assert (h["owner"], h["delivery_tag"], h["lease_token"], h["fence"], h["attempt"]) == \
+        ("w9", "tag7", "tok7", str(grant.fence), "1")
+    assert redis_client.zscore(KEYS.inflight_index("bulk"), "t7") == int(h["deadline_ms"]) > 0
     # and a second preflight of that task (a paused lane's, one tried again) tries at once, even
     # behind waiters: its wait is over (a second end of the first is a no-op)
     assert permit.speculation_over() == 0.0 and slots._waiting[KEYS.slots_held("acme")] == 0
@@ -423,6 +425,37 @@ def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflig
         pipe.reset()
     finally:
         permit.slots.end_waiting()
+
+
+def test_a_queued_try_refused_after_its_wait_leaves_the_task_on_record_as_waiting(redis_client):
+    # Given a cap of 1, held, and another task of this process waiting for it
+    from onelane.callout.permit import SlotPermit
+    from onelane.delivery.inflight import Inflight, InflightRecord
+
+    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1), Inflight(redis_client, KEYS))
+    permit.slots.try_acquire(new_token(), ttl_ms=TTL_MS)
+    redis_client.rpush(KEYS.attempts("t9"), "an earlier attempt")
+    record = InflightRecord(task_id="t9", queue="bulk", resource="acme", owner="w9", lease="", lease_token="",
+                            fence=0, started_ms=0, deadline_ms=0, attempt=1, delivery_tag="tag9", host="h", pid=1,
+                            kwargs={"url": "u"})
+    permit.slots.begin_waiting()
+    try:
+        # When a newcomer queues behind it and no slot comes free during its preflight's wait
+        pipe = redis_client.pipeline(transaction=False)
+        assert permit.speculate(pipe, record, token="tok9", ttl_ms=TTL_MS, timeout_ms=5_000) == 2
+        try:
+            replies = pipe.execute()
+        finally:
+            permit.speculation_over()
+        assert permit.speculated(replies, token="tok9") is None
+    finally:
+        permit.slots.end_waiting()
+    # Then the refused try wrote the task's record: waiting, due at once (the reaper requeues it as
+    # soon as its worker is gone), its attempt numbered from the ledger
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t9")).items()}
+    assert (h["owner"], h["delivery_tag"], h["lease"], h["deadline_ms"], h["attempt"]) == ("w9", "tag9", "", "0", "2")
+    assert json.loads(h["kwargs"]) == {"url": "u"}
+    assert redis_client.zscore(KEYS.inflight_index("bulk"), "t9") == 0
 
 
 def test_a_woken_waiter_that_wins_a_slot_wakes_the_next_while_another_slot_is_free(redis_client):

@@ -187,8 +187,6 @@ class SlotPermit:
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
         self._refused_ms: int | None = None
-        #: the preflight queued this task behind the process's waiters instead of trying for a slot
-        self._queued = False
         #: monotonic time the queued preflight began to wait (counted as waiting till it is over)
         self._queued_at: float | None = None
         #: the last preflight waited for a slot: the next one (a paused lane's, a try again) tries at once
@@ -198,22 +196,21 @@ class SlotPermit:
         if self.rate is not None:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
-        self._queued = self.slots.others_waiting() and not self._waited_last
+        queued = self.slots.others_waiting() and not self._waited_last
         self._waited_last = False
-        if self._queued:
+        if queued:
             # Another task of this process waits for a slot: a try now would most likely be refused,
-            # and a try is a script, the dearest step of a capped callout. The task is recorded as
-            # waiting (plain commands; due at once, as a refused try records it), then queues behind:
+            # and a try is a script, the dearest step of a capped callout. The task queues behind:
             # its first wait for a release, and the try that follows it, are in the preflight's round
             # trip too (its reads come first; a grant is given back if they say the attempt must not
-            # start). It counts as waiting meanwhile, so newcomers queue behind it in turn.
-            self.inflight.record(replace(record, lease="", lease_token="", fence=0, started_ms=0, deadline_ms=0),
-                                 pipe=pipe)
-            n = self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=replace(stamp, fields=()),
-                                     after_wait_ms=QUEUED_MS)
+            # start). It counts as waiting meanwhile, so newcomers queue behind it in turn. The try
+            # writes the in-flight record, granted or not (waiting, due at once), as a first try
+            # does; during the wait before it the message is covered as before any attempt: by its
+            # receiver record on the bulk queue, as an unclaimed unacked message on a lane.
+            n = self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp, after_wait_ms=QUEUED_MS)
             self.slots.begin_waiting()
             self._queued_at = time.monotonic()
-            return 2 + n
+            return n
         # Usually a slot is free: the grant and the in-flight record travel with the preflight's
         # reads, as for a serial lease (given back if the preflight finds the attempt must not start)
         return self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp)
@@ -280,7 +277,7 @@ class SlotPermit:
 
     @property
     def stamps_attempt(self) -> bool:
-        return not self._queued  # the slot's script counts it; a queued task's record has the run's
+        return True  # the slot's script counts it, whether the try came at once or after a wait
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,
