@@ -79,6 +79,12 @@ def test_histogram_buckets_are_cumulative_and_counters_parse():
     older = {**{k: str(v) for k, v in p.h.items()}, counters.field("callout_duration_seconds", "erp", "erp", "sum"): "1.5"}
     assert counters.parse_histograms(older)[("callout_duration_seconds", "erp", "erp")]["sum"] == pytest.approx(1008.11)
     assert counters.status_class(503) == "5xx" and counters.status_class(None) == "error"
+    # an observation of zero (a slot granted at once) counts in its bucket and writes no sum: one command
+    waits = Pipe()
+    counters.observe(waits, KEYS, "slot_wait_seconds", 0.0, "bulk", "acme")
+    assert list(waits.h) == [counters.field("slot_wait_seconds", "bulk", "acme", 0)]
+    wait = counters.parse_histograms({k: str(v) for k, v in waits.h.items()})[("slot_wait_seconds", "bulk", "acme")]
+    assert wait["buckets"][-1] == 1 and wait["sum"] == 0.0
     with pytest.raises(ValueError):
         counters.count(p, KEYS, "succeeded", "erp")  # a label missing
 

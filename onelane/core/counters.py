@@ -53,14 +53,17 @@ def count(pipe, keys: Keys, metric: str, *values, by: int = 1) -> None:
 
 
 def observe(pipe, keys: Keys, metric: str, seconds: float, *values) -> None:
-    """Queue one observation of ``seconds`` into histogram ``metric{values}``: two commands."""
+    """Queue one observation of ``seconds`` into histogram ``metric{values}``: two commands, or one
+    for an observation of zero (nothing to add to the sum: a slot granted with no wait)."""
     names, bounds = HISTOGRAMS[metric]
     if len(values) != len(names):
         raise ValueError(f"histogram {metric!r} takes labels {names}")
     seconds = max(0.0, float(seconds))
     bucket = bisect.bisect_left(bounds, seconds)  # the first bound >= seconds; len(bounds) is +Inf
     pipe.hincrby(keys.metric_histograms, field(metric, *values, bucket), 1)
-    pipe.hincrby(keys.metric_histograms, field(metric, *values, SUM_US), round(seconds * 1_000_000))
+    sum_us = round(seconds * 1_000_000)
+    if sum_us:
+        pipe.hincrby(keys.metric_histograms, field(metric, *values, SUM_US), sum_us)
 
 
 def status_class(status: int | None) -> str:
