@@ -357,13 +357,14 @@ def test_tries_under_a_lowered_adaptive_cap_count_the_keys_without_rewriting_the
 
 
 def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflights_round_trip(redis_client):
-    # Given a cap of 1, held, and a task of this process waiting for the slot
+    # Given an adaptive cap of 1 (whose slots are never handed on: each grant asks the cap), held,
+    # and a task of this process waiting for the slot
     from onelane.callout.permit import SlotPermit
     from onelane.coordination import slots
     from onelane.delivery.inflight import Inflight, InflightRecord
 
     inflight = Inflight(redis_client, KEYS)
-    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1), inflight)
+    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1, adaptive=True), inflight)
     held = permit.slots.try_acquire(new_token(), ttl_ms=TTL_MS)
     out = {}
     waiter = threading.Thread(target=lambda: out.update(
@@ -428,11 +429,11 @@ def test_a_newcomer_queues_behind_its_processes_waiters_and_waits_in_its_preflig
 
 
 def test_a_queued_try_refused_after_its_wait_leaves_the_task_on_record_as_waiting(redis_client):
-    # Given a cap of 1, held, and another task of this process waiting for it
+    # Given an adaptive cap of 1 (no handoffs), held, and another task of this process waiting for it
     from onelane.callout.permit import SlotPermit
     from onelane.delivery.inflight import Inflight, InflightRecord
 
-    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1), Inflight(redis_client, KEYS))
+    permit = SlotPermit(redis_client, KEYS, "acme", Limit(concurrency=1, adaptive=True), Inflight(redis_client, KEYS))
     permit.slots.try_acquire(new_token(), ttl_ms=TTL_MS)
     redis_client.rpush(KEYS.attempts("t9"), "an earlier attempt")
     record = InflightRecord(task_id="t9", queue="bulk", resource="acme", owner="w9", lease="", lease_token="",

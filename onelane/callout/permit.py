@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 from onelane.callout.classify import Reply, overloaded, retry_after_s
+from onelane.coordination import handoff
 from onelane.coordination.adaptive import Adaptive
 from onelane.coordination.lease import Grant, Lease
 from onelane.coordination.rate import RateLimiter
@@ -76,6 +77,11 @@ class Permit(Protocol):
 
     def release(self, grant: Grant, *, pipe=None) -> None:
         """Free the permit if ``grant`` still holds it (queued on ``pipe`` when given)."""
+
+    def hand_off(self, grant: Grant, *, pipe) -> Callable[[list | None], None]:
+        """Queue on ``pipe`` (the transaction recording the attempt's success) the end of ``grant``:
+        its release, or a slot's handoff to a task of this process waiting for one. Returns what to
+        call with the transaction's replies once it ran, or with None if it failed."""
 
     def release_try(self, token: str, *, pipe) -> None:
         """Queue on ``pipe`` the release of whatever a try ahead with ``token`` holds without a grant."""
@@ -164,6 +170,10 @@ class SerialPermit:
     def release(self, grant, *, pipe=None):
         self.lease.release(grant.token, pipe=pipe)
 
+    def hand_off(self, grant, *, pipe):
+        self.lease.release(grant.token, pipe=pipe)  # one holder at a time: nobody of this process waits
+        return _nothing_to_tell
+
     def release_try(self, token, *, pipe):
         # a quick try may hold the lease without a grant (a new counter, or a try again of its own)
         if self._held_ungranted:
@@ -187,6 +197,11 @@ class SlotPermit:
         self.rate = RateLimiter(client, keys, resource, limit.rate_per_s) if limit.rate_per_s else None
         self.adaptive = Adaptive(client, keys, resource, limit.concurrency) if limit.adaptive else None
         self._refused_ms: int | None = None
+        #: slots are handed on between this process's tasks (not under an adaptive cap or a rate, which
+        #: every grant must ask, nor with replicas to confirm each grant)
+        self._handoffs = not limit.adaptive and not limit.rate_per_s and replicas.needed <= 0
+        #: the preflight queued this task behind the process's waiters: it waits for a handoff first
+        self._local = False
         #: monotonic time the queued preflight began to wait (counted as waiting till it is over)
         self._queued_at: float | None = None
         #: the last preflight waited for a slot: the next one (a paused lane's, a try again) tries at once
@@ -196,8 +211,14 @@ class SlotPermit:
         if self.rate is not None:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        self._local = False
         queued = self.slots.others_waiting() and not self._waited_last
         self._waited_last = False
+        if queued and self._handoffs:
+            # Another task of this process waits for a slot in Redis: this one waits in the process for
+            # a slot one of its tasks hands on (acquire), with no Redis step before its attempt
+            self._local = True
+            return 0
         if queued:
             # Another task of this process waits for a slot: a try now would most likely be refused,
             # and a try is a script, the dearest step of a capped callout. The task queues behind:
@@ -238,13 +259,24 @@ class SlotPermit:
         # Both hold once: an acquire tried again (a lost connection, replicas that did not confirm)
         # may follow a grant that stamped the record, so it writes the record whole and tries first.
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
+        local_ms, wait_first_ms = 0.0, None
+        if self._local:  # queued behind this process's waiters: a slot handed on by one of its tasks
+            self._local = False
+            started = time.monotonic()
+            waiter = self.slots.wait_handed(token, ttl_ms=ttl_ms, stamp=stamp, budget_ms=self.wait_ms)
+            local_ms = (time.monotonic() - started) * 1000
+            if waiter.outcome == handoff.HANDED:
+                return waiter.grant, local_ms
+            if waiter.outcome == handoff.WAIT:  # in place of the process's waiter in Redis: every slot is held
+                wait_first_ms = QUEUED_MS
         refused_ms, self._refused_ms = self._refused_ms, None
         if recorded and refused_ms is not None:
             stamp = replace(stamp, fields=())
         else:
-            refused_ms = None
-        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=self.wait_ms, stamp=stamp,
-                                              refused_ms=refused_ms)
+            refused_ms = wait_first_ms
+        grant, waited_ms = self.slots.acquire(token, ttl_ms=ttl_ms, wait_ms=max(1, int(self.wait_ms - local_ms)),
+                                              stamp=stamp, refused_ms=refused_ms)
+        waited_ms += local_ms
         if self.rate is not None:
             # the rate is checked while holding the slot, so starts never bunch up above the rate
             rate_wait_ms = self.rate.acquire()
@@ -272,12 +304,22 @@ class SlotPermit:
     def release(self, grant, *, pipe=None):
         self.slots.release(grant, pipe=pipe)
 
+    def hand_off(self, grant, *, pipe):
+        if self._handoffs:
+            return self.slots.hand_off(grant, pipe=pipe)
+        self.slots.release(grant, pipe=pipe)
+        return _nothing_to_tell
+
     def release_try(self, token, *, pipe):
         pass  # a refused try for a slot holds none
 
     @property
     def stamps_attempt(self) -> bool:
         return True  # the slot's script counts it, whether the try came at once or after a wait
+
+
+def _nothing_to_tell(replies) -> None:
+    """After a plain release in the outcome's transaction: nobody waits on it."""
 
 
 def permit_for(client, keys: Keys, resource: str, limit: Limit, inflight: Inflight, *,

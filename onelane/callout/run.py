@@ -454,7 +454,6 @@ class CalloutRun:
         done = self.client.pipeline(transaction=True)
         self.ledger.record_success(task_id=d.task_id, queue=d.queue, idempotency_key=self.idempotency_key,
                                    result=result, now_ms=finished_ms, pipe=done)
-        self.permits.release(attempt.grant, pipe=done)
         if not attempt.circuit_clean:  # a closed circuit with no failures needs no write
             self.circuit.record(ok=True, pipe=done)
         if store_result is not None:
@@ -466,15 +465,24 @@ class CalloutRun:
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         if d.delivery_tag:  # acknowledged with its outcome (the worker's ack then stays in memory)
             queue_acknowledge(done, d.delivery_tag)
+        # the permit last: released, or a slot handed on to a task of this process waiting for one,
+        # who learns how the transaction went whatever happens
+        settle = self.permits.hand_off(attempt.grant, pipe=done)
         try:
-            done.execute()
+            replies = done.execute()
         except redis.exceptions.NoScriptError:
             # Redis lost its scripts (restart): the writes went through; release again directly
+            settle(None)
             forget(self.client)
             self.permits.release(attempt.grant)
             if not attempt.circuit_clean:
                 self.circuit.record(ok=True)
             self._release_key()
+        except BaseException:
+            settle(None)
+            raise
+        else:
+            settle(replies)
         attempt.released = True
         return result
 

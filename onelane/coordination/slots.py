@@ -26,9 +26,11 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from redis.exceptions import NoScriptError
 
+from onelane.coordination import handoff
 from onelane.coordination.lease import Grant, Lease, Stamp
 from onelane.core.errors import LeaseBusy, UnexpectedReply
 from onelane.core.keys import Keys
@@ -38,6 +40,7 @@ from onelane.core.scripts import LuaScript, forget
 
 _ACQUIRE = LuaScript(__package__, "semaphore_acquire")
 _RELEASE = LuaScript(__package__, "lease_release")
+_HANDOFF = LuaScript(__package__, "slot_handoff")
 
 _SIGNAL_TTL_MS = 10_000
 _MAX_BLOCK_MS = 2_000
@@ -57,6 +60,10 @@ class SlotGrant(Grant):
 
     slot: int = 0
     cap: int = 1
+    #: how many times in a row the slot was handed on within its process before this grant
+    handoffs: int = 0
+    #: when (time.monotonic(), this process) the slot was taken from Redis; a handoff keeps it
+    kept_since: float = 0.0
 
 
 class Semaphore:
@@ -134,7 +141,7 @@ class Semaphore:
             return int(res[1])
         slot = int(res[1])
         return SlotGrant(self.names[slot - 1], token, int(res[2]), int(res[3]), int(res[4]), slot=slot,
-                         cap=int(res[5]))
+                         cap=int(res[5]), kept_since=time.monotonic())
 
     def _call(self, token: str, ttl_ms: int, stamp: Stamp | None, *, after_wait: bool = False) -> tuple[list, list]:
         again = 1 if token in self._unanswered else 0
@@ -153,15 +160,18 @@ class Semaphore:
         ``stamp`` as for :meth:`try_acquire`; its fields are written by the first try only (the
         record exists from then on, and each later try only stamps a grant into it).
         ``refused_ms``: a try just made was refused, the soonest slot expiring in that many ms
-        (:meth:`grant_of`): the first step is then a wait, not a try straight away. A try after a
-        wait that wins a slot wakes the next waiter if another slot is still free."""
+        (:meth:`grant_of`), or every slot is known to be held: the first step is then a wait (at most
+        that long), not a try straight away. A try after a wait that wins a slot wakes the next
+        waiter if another slot is still free."""
         started = time.monotonic()
         give_up = started + wait_ms / 1000
         got = refused_ms if refused_ms is not None else self._try(token, ttl_ms=ttl_ms, stamp=stamp)
-        if stamp is not None and stamp.fields:
-            stamp = replace(stamp, fields=())
+        tried = refused_ms is None
         with self._counted_waiting():
             while not isinstance(got, SlotGrant):
+                if tried and stamp is not None and stamp.fields:
+                    stamp = replace(stamp, fields=())  # written by the first try: later ones only stamp
+                tried = True
                 left_ms = (give_up - time.monotonic()) * 1000
                 if left_ms <= 0:
                     raise LeaseBusy(f"no free slot of {self.resource!r} (cap {self.limit.concurrency}) in time")
@@ -184,6 +194,9 @@ class Semaphore:
     def end_waiting(self) -> None:
         with _waiting_lock:
             _waiting[self._waiting_key] -= 1
+            last = _waiting[self._waiting_key] <= 0
+        if last:  # tasks waiting in the process for a handoff: the oldest now waits in Redis
+            handoff.nudge(self._waiting_key, handoff.WAIT)
 
     @contextmanager
     def _counted_waiting(self):
@@ -194,14 +207,65 @@ class Semaphore:
             self.end_waiting()
 
     def release(self, grant: SlotGrant, *, pipe=None):
-        """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given)."""
+        """Free the slot if this grant still holds it, and wake one waiter (queued on ``pipe`` if given;
+        run now, a task waiting here for a handoff tries for it when none of the process waits in Redis)."""
         k = self.keys
         keys = [k.lease(grant.name), k.lease_holder(grant.name), k.lease_index, k.slot_signal(self.resource),
                 k.slots_held(self.resource)]
         args = [grant.token, grant.name, _SIGNAL_TTL_MS, grant.slot]
         if pipe is not None:
             return _RELEASE.queue_on(pipe, self.client, keys=keys, args=args)
-        return _RELEASE(self.client, keys=keys, args=args)
+        res = _RELEASE(self.client, keys=keys, args=args)
+        self._after_release([res])
+        return res
+
+    # -- handoffs within the process (:mod:`onelane.coordination.handoff`) -------------------------
+    def wait_handed(self, token: str, *, ttl_ms: int, stamp: Stamp, budget_ms: float) -> handoff.Waiter:
+        """Wait in this process's line for a slot handed on by one of its tasks (at most ``budget_ms``,
+        and only while a task of the process waits in Redis). The waiter's ``grant`` holds the slot
+        when its ``outcome`` is HANDED; after UNKNOWN a try with ``token`` may be granted the slot the
+        handoff gave it (:meth:`acquire` looks for it first)."""
+        waiter = handoff.wait(self._waiting_key, handoff.Waiter(token, stamp, ttl_ms), budget_s=budget_ms / 1000,
+                              keep_waiting=self.others_waiting)
+        if waiter.outcome == handoff.UNKNOWN:
+            self._unanswered.add(token)
+        return waiter
+
+    def hand_off(self, grant: SlotGrant, *, pipe) -> Callable[[list | None], None]:
+        """Queue on ``pipe`` (the transaction ending ``grant``'s attempt) the slot's handoff to the task
+        of this process waiting longest for one, or its release when nobody waits or the slot was
+        kept for :data:`handoff.KEEP_S` already. Returns what to call with the transaction's replies
+        once it ran, or with None if it failed: it tells the waiter."""
+        kept = time.monotonic() - grant.kept_since < handoff.KEEP_S
+        waiter = handoff.claim(self._waiting_key) if kept else None
+        at = len(pipe)
+        if waiter is None:
+            self.release(grant, pipe=pipe)
+            return self._after_release
+        k, st = self.keys, waiter.stamp
+        keys = [k.lease(grant.name), k.lease_fence(self.fence_name), k.lease_index, k.slots_held(self.resource),
+                st.record_key, st.index_key, st.attempts_key]
+        _HANDOFF.queue_on(pipe, self.client, keys=keys, args=[grant.token, waiter.token, int(waiter.ttl_ms), grant.slot,
+                                                             grant.name, st.member, int(st.due_in_ms), *st.fields])
+
+        def settle(replies) -> None:
+            if replies is None:
+                handoff.settle(waiter, handoff.UNKNOWN)
+                return
+            res = replies[at]
+            if not isinstance(res, list) or not res or int(res[0]) != 1:
+                handoff.settle(waiter, handoff.TRY)
+                return
+            handoff.settle(waiter, handoff.HANDED, replace(
+                grant, token=waiter.token, fence=int(res[1]), deadline_ms=int(res[2]), now_ms=int(res[3]),
+                handoffs=grant.handoffs + 1))
+        return settle
+
+    def _after_release(self, replies) -> None:
+        """After a release to every worker: if no task of this process waits in Redis (woken by the
+        release, or by the next), the one waiting here longest tries for the slot."""
+        if replies is not None and not self.others_waiting():
+            handoff.nudge(self._waiting_key)
 
     def held(self) -> int:
         """How many slots are held now."""

@@ -1,0 +1,231 @@
+"""Slots handed on within a worker process, against the session's real Redis: a task whose attempt
+ended passes its slot to a task of its process waiting for one, in its outcome's transaction,
+without the slot ever coming free; never two holders, never a slot kept from the other workers,
+never a waiter left waiting on a handoff that failed."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from onelane.callout.permit import SlotPermit
+from onelane.coordination import handoff
+from onelane.coordination.slots import SlotGrant
+from onelane.core.keys import Keys
+from onelane.core.limits import Limit
+from onelane.delivery.inflight import Inflight, InflightRecord
+
+pytestmark = pytest.mark.redis
+
+KEYS = Keys()
+TTL_MS = 30_000
+
+
+def permit(client, cap: int) -> SlotPermit:
+    return SlotPermit(client, KEYS, "acme", Limit(concurrency=cap), Inflight(client, KEYS))
+
+
+def record(task_id: str) -> InflightRecord:
+    return InflightRecord(task_id=task_id, queue="bulk", resource="acme", owner="w9", lease="", lease_token="",
+                          fence=0, started_ms=0, deadline_ms=0, attempt=1, delivery_tag=f"tag-{task_id}", host="h",
+                          pid=1, kwargs={"url": "u"})
+
+
+def commands(client) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+def wait_until(predicate, timeout_s: float = 5.0) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class LocalWaiter:
+    """A task of this process queued behind its waiters (its preflight tried nothing), then acquiring."""
+
+    def __init__(self, client, cap: int, task_id: str):
+        self.permit = permit(client, cap)
+        self.task_id = task_id
+        self.token = f"tok-{task_id}"
+        pipe = client.pipeline(transaction=False)
+        assert self.permit.speculate(pipe, record(task_id), token=self.token, ttl_ms=TTL_MS, timeout_ms=5_000) == 0
+        assert len(pipe) == 0, "queued behind: no Redis step before its wait"
+        self.out: dict = {}
+        self.thread = threading.Thread(target=self._acquire)
+
+    def _acquire(self):
+        started = time.monotonic()
+        self.out["got"] = self.permit.acquire(record(self.task_id), token=self.token, ttl_ms=TTL_MS, timeout_ms=5_000,
+                                              redis_now_ms=0)
+        self.out["after_s"] = time.monotonic() - started
+
+    def start(self, key: str) -> "LocalWaiter":
+        self.thread.start()
+        assert wait_until(lambda: handoff.waiting(key) >= 1), "waiting in the process"
+        return self
+
+    def grant(self) -> SlotGrant:
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+        return self.out["got"][0]
+
+
+def end_attempt(client, holder: SlotPermit, grant: SlotGrant, *, lose_reply: bool = False) -> None:
+    """The outcome's transaction of ``grant``'s attempt, its permit last (as CalloutRun records a success)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set("outcome", "recorded")
+    settle = holder.hand_off(grant, pipe=pipe)
+    replies = pipe.execute()
+    settle(None if lose_reply else replies)
+
+
+@pytest.fixture
+def key():
+    return KEYS.slots_held("acme")
+
+
+@pytest.fixture
+def redis_waiter(client_permit):
+    """Another task of this process waiting in Redis for a slot (so newcomers queue behind it)."""
+    client_permit.slots.begin_waiting()
+    try:
+        yield
+    finally:
+        client_permit.slots.end_waiting()
+
+
+@pytest.fixture
+def client_permit(redis_client):
+    return permit(redis_client, 1)
+
+
+def test_a_slot_is_handed_to_a_waiter_of_its_process_without_ever_coming_free(redis_client, client_permit, key,
+                                                                               redis_waiter):
+    # Given a cap of 1, held by an attempt, and a newcomer queued behind the process's waiter
+    holder = client_permit
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    assert isinstance(first, SlotGrant)
+    waiter = LocalWaiter(redis_client, 1, "t2").start(key)
+    redis_client.config_resetstat()
+    # When the attempt's outcome is recorded
+    end_attempt(redis_client, holder, first)
+    # Then the waiter holds the slot: its token in the slot's key, a new fence, no release on the
+    # way (no wake-up signal for the other workers, no try of its own)
+    grant = waiter.grant()
+    assert (grant.slot, grant.token, grant.handoffs) == (1, "tok-t2", 1)
+    assert grant.fence > first.fence
+    assert redis_client.get(KEYS.lease(first.name)).decode() == "tok-t2"
+    calls = commands(redis_client)
+    assert "lpush" not in calls and calls["evalsha"] == 1, calls
+    assert not redis_client.exists(KEYS.slot_signal("acme"))
+    assert redis_client.zscore(KEYS.slots_held("acme"), "1") == grant.deadline_ms
+    assert redis_client.zscore(KEYS.lease_index, first.name) == grant.deadline_ms
+    # and its attempt is on record, stamped as a grant stamps it, numbered from the ledger
+    h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t2")).items()}
+    assert (h["owner"], h["delivery_tag"], h["lease"], h["lease_token"], h["fence"], h["attempt"]) == \
+        ("w9", "tag-t2", first.name, "tok-t2", str(grant.fence), "1")
+    assert redis_client.zscore(KEYS.inflight_index("bulk"), "t2") == int(h["deadline_ms"]) > grant.now_ms
+    assert waiter.out["got"][1] > 0  # its wait is counted
+    # and the old holder's token frees nothing any more
+    holder.release(first)
+    assert redis_client.get(KEYS.lease(first.name)).decode() == "tok-t2"
+
+
+def test_a_slot_handed_on_its_limit_goes_back_to_every_worker(redis_client, client_permit, key):
+    # Given a slot its process has kept as long as it may, and a newcomer queued behind the process's
+    # task waiting in Redis
+    holder = client_permit
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    worn = replace(first, kept_since=time.monotonic() - handoff.KEEP_S - 0.1)
+    holder.slots.begin_waiting()
+    try:
+        waiter = LocalWaiter(redis_client, 1, "t3").start(key)
+        # When that attempt ends
+        end_attempt(redis_client, holder, worn)
+        # Then the slot was released to every worker (the wake-up signal pushed for whoever waits in
+        # Redis longest, of any process), not handed to the newcomer
+        assert redis_client.exists(KEYS.slot_signal("acme"))
+        assert not redis_client.exists(KEYS.lease(first.name))
+        time.sleep(0.2)
+        assert waiter.thread.is_alive() and handoff.waiting(key) == 1
+    finally:
+        # and when the task waiting in Redis leaves, the newcomer takes its place and tries
+        holder.slots.end_waiting()
+    grant = waiter.grant()
+    assert grant.token == "tok-t3" and grant.handoffs == 0 and grant.fence > first.fence
+    assert waiter.out["after_s"] < 1.5, "at once, not after its wait ran out"
+
+
+def test_a_waiter_whose_handoff_reply_was_lost_gets_that_slot_not_a_second(redis_client, key):
+    # Given a cap of 2, slot 1 held, slot 2 free, and a newcomer queued behind the process's waiter
+    holder = permit(redis_client, 2)
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    assert first.slot == 1
+    holder.slots.begin_waiting()
+    try:
+        waiter = LocalWaiter(redis_client, 2, "t4").start(key)
+        # When the outcome's transaction ran, handing slot 1 on, but its reply was lost
+        end_attempt(redis_client, holder, first, lose_reply=True)
+        grant = waiter.grant()
+    finally:
+        holder.slots.end_waiting()
+    # Then the waiter, told the handoff may have happened, holds slot 1 (granted again, a new fence),
+    # and slot 2 is still free: one slot for one attempt
+    assert (grant.slot, grant.token) == (1, "tok-t4")
+    assert redis_client.get(KEYS.lease(KEYS.slot("acme", 1))).decode() == "tok-t4"
+    assert not redis_client.exists(KEYS.lease(KEYS.slot("acme", 2)))
+
+
+def test_when_its_waiter_in_redis_gets_a_slot_the_oldest_waiter_of_the_process_waits_there_in_its_place(
+        redis_client, key):
+    # Given a cap of 1, held; a task of this process waiting in Redis for it; a newcomer queued behind
+    p = permit(redis_client, 1)
+    first = p.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    out = {}
+    in_redis = threading.Thread(target=lambda: out.update(
+        got=p.slots.acquire("tok-redis", ttl_ms=TTL_MS, wait_ms=10_000, refused_ms=2_000)))
+    in_redis.start()
+    assert wait_until(p.slots.others_waiting)
+    waiter = LocalWaiter(redis_client, 1, "t5").start(key)
+    # When the slot is released (a failed attempt's release: to every worker) and the task waiting in
+    # Redis takes it
+    p.release(first)
+    in_redis.join(timeout=15)
+    second, _ = out["got"]
+    assert second.token == "tok-redis"
+    # Then the newcomer waits in Redis in its place (counted there), not beside the process's line
+    assert wait_until(lambda: p.slots.others_waiting() and handoff.waiting(key) == 0)
+    assert waiter.thread.is_alive(), "the slot is held: it waits"
+    # and the next release wakes it at once, well before its block would end
+    released = time.monotonic()
+    p.release(second)
+    grant = waiter.grant()
+    assert grant.token == "tok-t5" and time.monotonic() - released < 1.5
+    assert not p.slots.others_waiting()
+
+
+def test_a_handoff_never_gives_a_slot_its_holder_lost(redis_client, client_permit, key, redis_waiter):
+    # Given an attempt whose slot was taken from it (its deadline passed; the reaper freed it, and
+    # another worker holds it now), and a newcomer queued behind
+    holder = client_permit
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    redis_client.set(KEYS.lease(first.name), "tok-other-worker", px=TTL_MS)
+    waiter = LocalWaiter(redis_client, 1, "t6").start(key)
+    # When that attempt's outcome is recorded
+    end_attempt(redis_client, holder, first)
+    # Then nothing was handed on (the other worker keeps the slot) and the waiter waits in Redis
+    # for a slot of its own
+    assert redis_client.get(KEYS.lease(first.name)).decode() == "tok-other-worker"
+    assert not redis_client.exists(KEYS.inflight("t6"))
+    assert wait_until(lambda: holder.slots.others_waiting() and handoff.waiting(key) == 0)
+    redis_client.delete(KEYS.lease(first.name))
+    redis_client.zadd(KEYS.slots_held("acme"), {"1": 1})
+    redis_client.lpush(KEYS.slot_signal("acme"), "1")  # the other worker's release
+    grant = waiter.grant()
+    assert grant.token == "tok-t6" and grant.handoffs == 0
