@@ -229,3 +229,146 @@ def test_a_handoff_never_gives_a_slot_its_holder_lost(redis_client, client_permi
     redis_client.lpush(KEYS.slot_signal("acme"), "1")  # the other worker's release
     grant = waiter.grant()
     assert grant.token == "tok-t6" and grant.handoffs == 0
+
+
+def test_a_releaser_that_cannot_reach_redis_before_its_transaction_leaves_the_waiter_in_line(
+        redis_client, client_permit, key, redis_waiter, monkeypatch):
+    # Given an attempt holding the slot, a newcomer in line, and Redis's script cache lost while Redis
+    # cannot be reached (the handoff's script must be loaded again first)
+    from onelane.coordination import slots
+    import redis
+
+    holder = client_permit
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    waiter = LocalWaiter(redis_client, 1, "t7").start(key)
+
+    def unreachable(client):
+        raise redis.exceptions.ConnectionError("Redis is loading")
+
+    monkeypatch.setattr(slots._HANDOFF, "loaded_sha", unreachable)
+    # When the attempt's outcome transaction is put together
+    with pytest.raises(redis.exceptions.ConnectionError):
+        holder.hand_off(first, pipe=redis_client.pipeline(transaction=True))
+    # Then the newcomer is still in line, claimed by nobody, and the next try hands the slot to it
+    assert handoff.waiting(key) == 1
+    monkeypatch.undo()
+    end_attempt(redis_client, holder, first)
+    assert waiter.grant().token == "tok-t7"
+
+
+def test_a_token_whose_try_went_unanswered_tries_again_rather_than_wait_for_a_second_slot(
+        redis_client, key):
+    # Given a cap of 2, a preflight's try that won slot 1 but whose reply was lost, and by the time
+    # the preflight is tried again another task of the process waits in Redis
+    p = permit(redis_client, 2)
+    pipe = redis_client.pipeline(transaction=False)
+    p.slots.queue_try(pipe, "tok-c", ttl_ms=TTL_MS)
+    pipe.execute()  # the reply never read: lost
+    assert redis_client.get(KEYS.lease(KEYS.slot("acme", 1))).decode() == "tok-c"
+    p.slots.begin_waiting()
+    try:
+        # When the preflight is tried again with the same token
+        pipe = redis_client.pipeline(transaction=False)
+        n = p.speculate(pipe, record("t8"), token="tok-c", ttl_ms=TTL_MS, timeout_ms=5_000)
+        grant = p.speculated(pipe.execute(), token="tok-c") if n else None
+    finally:
+        p.slots.end_waiting()
+    # Then it tried ahead (not in line for a handoff that would give the token a second slot) and
+    # was granted slot 1 again; slot 2 is free
+    assert n == 1 and grant is not None and grant.slot == 1
+    assert not redis_client.exists(KEYS.lease(KEYS.slot("acme", 2)))
+
+
+def test_a_newcomer_whose_process_stopped_waiting_in_redis_meanwhile_tries_at_once(redis_client, key):
+    # Given a free slot, and a newcomer whose preflight queued it behind the process's task waiting
+    # in Redis, which then left before the newcomer joined the line
+    p = permit(redis_client, 1)
+    p.slots.begin_waiting()
+    newcomer = permit(redis_client, 1)
+    pipe = redis_client.pipeline(transaction=False)
+    assert newcomer.speculate(pipe, record("t9"), token="tok-t9", ttl_ms=TTL_MS, timeout_ms=5_000) == 0
+    p.slots.end_waiting()
+    # When it goes for its slot
+    started = time.monotonic()
+    grant, _ = newcomer.acquire(record("t9"), token="tok-t9", ttl_ms=TTL_MS, timeout_ms=5_000, redis_now_ms=0)
+    # Then it did not wait in a line nobody serves: it tried, and won the free slot
+    assert grant.token == "tok-t9" and time.monotonic() - started < 1.0
+    assert handoff.waiting(key) == 0
+
+
+def test_a_handoff_that_lands_after_its_waiter_gave_up_on_it_is_released(redis_client, key, monkeypatch):
+    # Given a cap of 2, slot 1 held, a newcomer in line, claimed by the holder's outcome transaction,
+    # and that transaction stuck longer than a claimed waiter waits for it
+    monkeypatch.setattr(handoff, "WAIT_S", 0.1)
+    monkeypatch.setattr(handoff, "CLAIMED_WAIT_S", 0.2)
+    holder = permit(redis_client, 2)
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    holder.slots.begin_waiting()
+    try:
+        waiter = LocalWaiter(redis_client, 2, "t10").start(key)
+        pipe = redis_client.pipeline(transaction=True)
+        settle = holder.hand_off(first, pipe=pipe)
+        # When the newcomer gives up on it (and takes the free slot 2 itself), and the transaction
+        # lands only then
+        grant = waiter.grant()
+        settle(pipe.execute())
+    finally:
+        holder.slots.end_waiting()
+    # Then the newcomer holds slot 2 alone: slot 1, handed to it too late, was freed by its releaser
+    assert (grant.slot, grant.token) == (2, "tok-t10")
+    assert not redis_client.exists(KEYS.lease(first.name))
+    assert redis_client.get(KEYS.lease(KEYS.slot("acme", 2))).decode() == "tok-t10"
+
+
+def test_a_run_that_succeeds_hands_its_slot_to_a_run_of_its_process_waiting_for_one(redis_client, redis_server, key):
+    # Given a resource capped at 2, one slot held elsewhere, and two runs of the bulk queue: the first
+    # holds the other slot, the second queued behind the process's task waiting in Redis
+    import json
+    from types import SimpleNamespace
+
+    from onelane.callout.classify import Reply, Verdict
+    from onelane.callout.run import CalloutRun
+    from onelane.core.settings import load_settings
+    from tests.test_run_steps import FakeClock
+
+    s = load_settings({"REDIS_URL": redis_server.url, "ONELANE_ALLOW_PRIVATE_NETWORKS": "1",
+                       "ONELANE_LIMITS": json.dumps({"acme": {"concurrency": 2}})})
+
+    def begin(task_id):
+        req = SimpleNamespace(id=task_id, delivery_info={"routing_key": "bulk"}, properties={"delivery_tag": ""})
+        return CalloutRun.begin(req, (), {"url": "http://api.example/x", "resource": "acme"}, settings=s,
+                                clock=FakeClock())
+
+    ok = SimpleNamespace(status_code=200, headers={}, body=b"ok", encoding="utf-8", elapsed_ms=5.0,
+                         url="http://api.example/x", truncated=False, content_type="text/plain")
+    in_redis = permit(redis_client, 2)
+    assert isinstance(in_redis.slots.try_acquire("tok-elsewhere", ttl_ms=TTL_MS), SlotGrant)
+    first = begin("t-a")
+    check_a = first.preflight()
+    assert check_a.grant is not None, "won ahead: the slot was free"
+    in_redis.slots.begin_waiting()
+    out = {}
+    try:
+        second = begin("t-b")
+        check_b = second.preflight()
+        assert check_b.grant is None, "queued behind: no try of its own"
+
+        def run_second():
+            with second.permit(check_b) as attempt:
+                out["grant"] = attempt.grant
+                out["holder"] = redis_client.get(KEYS.lease(attempt.grant.name)).decode()
+
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        assert wait_until(lambda: handoff.waiting(key) == 1)
+        # When the first run's call succeeds and its outcome is recorded
+        with first.permit(check_a) as attempt_a:
+            first.record_success(attempt_a, Reply(response=ok, started=1.0, elapsed_ms=50.0),
+                                 Verdict("succeeded", api_up=True))
+        thread.join(timeout=15)
+    finally:
+        in_redis.slots.end_waiting()
+    # Then the second run held the slot, handed on by that transaction, with a newer fence
+    assert out["holder"] == check_b.token == out["grant"].token
+    assert out["grant"].fence > attempt_a.grant.fence and out["grant"].handoffs == 1
+    assert redis_client.get(KEYS.done("t-a")) is not None

@@ -212,7 +212,8 @@ class SlotPermit:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
         stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
         self._local = False
-        queued = self.slots.others_waiting() and not self._waited_last
+        # a token whose try went unanswered may hold a slot: it tries at once (granted that slot again)
+        queued = self.slots.others_waiting() and not self._waited_last and not self.slots.may_hold(token)
         self._waited_last = False
         if queued and self._handoffs:
             # Another task of this process waits for a slot in Redis: this one waits in the process for
@@ -240,6 +241,8 @@ class SlotPermit:
         got = self.slots.grant_of(replies[-1], token)
         #: the refusal of the try ahead (ms until the soonest slot expires), so acquire waits first
         self._refused_ms = None if isinstance(got, SlotGrant) else got
+        if isinstance(got, SlotGrant):
+            self.slots.keep_one_waiting()
         return got if isinstance(got, SlotGrant) else None
 
     def speculation_over(self):

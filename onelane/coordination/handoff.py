@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 KEEP_S = 0.5
 #: a waiter here looks again after this long (is a task of its process still waiting in Redis?)
 WAIT_S = 2.0
-#: a waiter claimed by a releaser waits this long at most for the releaser's transaction
-CLAIMED_WAIT_S = 60.0
+#: a waiter claimed by a releaser waits this long at most for the releaser's transaction (longer than
+#: redis-py's worst case for one: its socket timeout, times its tries); then it goes on as after a
+#: lost reply, and a handoff that lands after that is released by its releaser
+CLAIMED_WAIT_S = 300.0
 
 #: what ended a wait here
 HANDED = "handed"  # the slot is the waiter's: ``grant`` holds it
@@ -57,6 +59,8 @@ class Waiter:
     outcome: str = ""
     grant: object = None
     claimed: bool = False
+    #: it stopped waiting for its releaser (CLAIMED_WAIT_S): a slot handed to it now is not taken
+    abandoned: bool = False
     _done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -71,26 +75,41 @@ def waiting(key: str) -> int:
 
 def wait(key: str, waiter: Waiter, *, budget_s: float, keep_waiting) -> Waiter:
     """Wait in line for a slot of ``key`` handed on by a task of this process: at most ``budget_s``,
-    and no longer than :data:`WAIT_S` once ``keep_waiting()`` says no (no task of the process waits
-    in Redis any more). Once a releaser has claimed it, until the releaser's transaction is done.
-    Returns the waiter, its ``outcome`` set (``TIMEOUT``: out of line, nothing handed)."""
+    and only while ``keep_waiting()`` says a task of the process waits in Redis (checked as it joins
+    the line, then every :data:`WAIT_S`). Once a releaser has claimed it, until the releaser's
+    transaction is done. Returns the waiter, its ``outcome`` set (``TIMEOUT``: out of line, nothing
+    handed)."""
     give_up = time.monotonic() + budget_s
     with _lock:
-        _queues.setdefault(key, deque()).append(waiter)
-    while True:
-        left = give_up - time.monotonic()
-        if waiter._done.wait(max(0.0, min(WAIT_S, left))):
+        if not keep_waiting():  # nobody of the process waits in Redis (the last one just left): try
+            waiter.outcome = TIMEOUT
             return waiter
-        with _lock:
-            if waiter.claimed:
-                break
-            if left <= WAIT_S or not keep_waiting():
-                _queues[key].remove(waiter)
-                waiter.outcome = TIMEOUT
+        _queues.setdefault(key, deque()).append(waiter)
+    try:
+        while True:
+            left = give_up - time.monotonic()
+            if waiter._done.wait(max(0.0, min(WAIT_S, left))):
                 return waiter
-    if not waiter._done.wait(CLAIMED_WAIT_S):  # a releaser stuck in its transaction: as if it failed
-        waiter.outcome = UNKNOWN
-    return waiter
+            with _lock:
+                if waiter.claimed:
+                    break
+                if left <= WAIT_S or not keep_waiting():
+                    _queues[key].remove(waiter)
+                    waiter.outcome = TIMEOUT
+                    return waiter
+        if not waiter._done.wait(CLAIMED_WAIT_S):
+            with _lock:
+                if not waiter._done.is_set():  # a releaser stuck in its transaction: as if it failed
+                    waiter.abandoned = True
+                    waiter.outcome = UNKNOWN
+        return waiter
+    except BaseException:  # interrupted (a shutdown): never left in line for a handoff nobody takes
+        with _lock:
+            waiter.abandoned = True
+            line = _queues.get(key)
+            if line is not None and waiter in line:
+                line.remove(waiter)
+        raise
 
 
 def claim(key: str) -> Waiter | None:
@@ -105,11 +124,16 @@ def claim(key: str) -> Waiter | None:
         return waiter
 
 
-def settle(waiter: Waiter, outcome: str, grant=None) -> None:
-    """End a claimed waiter's wait: ``HANDED`` with its ``grant``, ``TRY``, ``WAIT`` or ``UNKNOWN``."""
-    waiter.grant = grant
-    waiter.outcome = outcome
-    waiter._done.set()
+def settle(waiter: Waiter, outcome: str, grant=None) -> bool:
+    """End a claimed waiter's wait: ``HANDED`` with its ``grant``, ``TRY``, ``WAIT`` or ``UNKNOWN``.
+    False when the waiter stopped waiting first (a slot handed to it is then its releaser's to free)."""
+    with _lock:
+        if waiter.abandoned:
+            return False
+        waiter.grant = grant
+        waiter.outcome = outcome
+        waiter._done.set()
+        return True
 
 
 def nudge(key: str, outcome: str = TRY) -> None:

@@ -9,8 +9,10 @@ sleeps out its block beside a free slot; a task whose process already has one wa
 queue behind it without a try of its own (:meth:`Semaphore.others_waiting`), its first wait and
 the try after it queued on its preflight's round trip (:meth:`Semaphore.queue_try`). A try again
 with a token whose last try's reply was lost is granted the slot that try may have won, never a
-second one. The fencing counter is the resource's own (shared with its serial lease), so tokens
-grow across both.
+second one. Within a worker process a slot can pass straight from a task whose attempt ended to
+one waiting (:meth:`Semaphore.hand_off`, :mod:`onelane.coordination.handoff`), never coming free.
+The fencing counter is the resource's own (shared with its serial lease), so tokens grow across
+both.
 
 A grant or a refusal reads one member of a sorted set holding every slot (``Keys.slots_held``:
 slot number -> deadline; a free slot scores its own number, a time long past) instead of the
@@ -237,16 +239,23 @@ class Semaphore:
         kept for :data:`handoff.KEEP_S` already. Returns what to call with the transaction's replies
         once it ran, or with None if it failed: it tells the waiter."""
         kept = time.monotonic() - grant.kept_since < handoff.KEEP_S
+        # the script's SHA first (loading it is a round trip that may fail): a waiter out of line
+        # has nothing left to fail before its releaser's transaction
+        sha = _HANDOFF.loaded_sha(self.client) if kept else ""
         waiter = handoff.claim(self._waiting_key) if kept else None
         at = len(pipe)
         if waiter is None:
             self.release(grant, pipe=pipe)
             return self._after_release
-        k, st = self.keys, waiter.stamp
-        keys = [k.lease(grant.name), k.lease_fence(self.fence_name), k.lease_index, k.slots_held(self.resource),
-                st.record_key, st.index_key, st.attempts_key]
-        _HANDOFF.queue_on(pipe, self.client, keys=keys, args=[grant.token, waiter.token, int(waiter.ttl_ms), grant.slot,
-                                                             grant.name, st.member, int(st.due_in_ms), *st.fields])
+        try:
+            k, st = self.keys, waiter.stamp
+            keys = [k.lease(grant.name), k.lease_fence(self.fence_name), k.lease_index, k.slots_held(self.resource),
+                    st.record_key, st.index_key, st.attempts_key]
+            pipe.evalsha(sha, len(keys), *keys, grant.token, waiter.token, int(waiter.ttl_ms), grant.slot,
+                         grant.name, st.member, int(st.due_in_ms), *st.fields)
+        except BaseException:
+            handoff.settle(waiter, handoff.TRY)
+            raise
 
         def settle(replies) -> None:
             if replies is None:
@@ -256,10 +265,21 @@ class Semaphore:
             if not isinstance(res, list) or not res or int(res[0]) != 1:
                 handoff.settle(waiter, handoff.TRY)
                 return
-            handoff.settle(waiter, handoff.HANDED, replace(
-                grant, token=waiter.token, fence=int(res[1]), deadline_ms=int(res[2]), now_ms=int(res[3]),
-                handoffs=grant.handoffs + 1))
+            handed = replace(grant, token=waiter.token, fence=int(res[1]), deadline_ms=int(res[2]),
+                             now_ms=int(res[3]), handoffs=grant.handoffs + 1)
+            if not handoff.settle(waiter, handoff.HANDED, handed):
+                self.release(handed)  # it stopped waiting for this transaction and went on without it
         return settle
+
+    def may_hold(self, token: str) -> bool:
+        """Whether a try with ``token`` went unanswered (its reply lost): it may hold a slot."""
+        return token in self._unanswered
+
+    def keep_one_waiting(self) -> None:
+        """After a grant won with nobody of this process waiting in Redis: if tasks wait here in line,
+        the oldest goes to wait there (so a release by another worker is not missed)."""
+        if not self.others_waiting() and handoff.waiting(self._waiting_key):
+            handoff.nudge(self._waiting_key, handoff.WAIT)
 
     def _after_release(self, replies) -> None:
         """After a release to every worker: if no task of this process waits in Redis (woken by the
