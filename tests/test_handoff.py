@@ -324,23 +324,18 @@ def test_a_run_that_succeeds_hands_its_slot_to_a_run_of_its_process_waiting_for_
     # Given a resource capped at 2, one slot held elsewhere, and two runs of the bulk queue: the first
     # holds the other slot, the second queued behind the process's task waiting in Redis
     import json
-    from types import SimpleNamespace
 
     from onelane.callout.classify import Reply, Verdict
-    from onelane.callout.run import CalloutRun
     from onelane.core.settings import load_settings
-    from tests.test_run_steps import FakeClock
+    from tests.test_run_steps import begin_on, ok_response
 
     s = load_settings({"REDIS_URL": redis_server.url, "ONELANE_ALLOW_PRIVATE_NETWORKS": "1",
                        "ONELANE_LIMITS": json.dumps({"acme": {"concurrency": 2}})})
 
     def begin(task_id):
-        req = SimpleNamespace(id=task_id, delivery_info={"routing_key": "bulk"}, properties={"delivery_tag": ""})
-        return CalloutRun.begin(req, (), {"url": "http://api.example/x", "resource": "acme"}, settings=s,
-                                clock=FakeClock())
+        return begin_on(s, task_id, "bulk", resource="acme")
 
-    ok = SimpleNamespace(status_code=200, headers={}, body=b"ok", encoding="utf-8", elapsed_ms=5.0,
-                         url="http://api.example/x", truncated=False, content_type="text/plain")
+    ok = ok_response()
     in_redis = permit(redis_client, 2)
     assert isinstance(in_redis.slots.try_acquire("tok-elsewhere", ttl_ms=TTL_MS), SlotGrant)
     first = begin("t-a")

@@ -243,22 +243,16 @@ class RoundTrips:
 
 @pytest.mark.redis
 def test_the_callout_steps_count_on_the_round_trips_they_already_make(redis_client, redis_server, monkeypatch):
-    from types import SimpleNamespace
-
     from onelane.callout.classify import FAILED, RETRY, Reply, Verdict
-    from onelane.callout.run import CalloutRun
 
-    from tests.test_run_steps import FakeClock
+    from tests.test_run_steps import begin_on, ok_response
 
     s = settings_for(redis_server.url, ONELANE_ALLOW_PRIVATE_NETWORKS="1")
 
     def begin(task_id):
-        req = SimpleNamespace(id=task_id, delivery_info={"routing_key": "erp"}, properties={"delivery_tag": ""})
-        return CalloutRun.begin(req, (), {"url": "http://api.example/x", "resource": "acme"}, settings=s,
-                                clock=FakeClock())
+        return begin_on(s, task_id, "erp", resource="acme")
 
-    ok = SimpleNamespace(status_code=200, headers={}, body=b"ok", encoding="utf-8", elapsed_ms=5.0,
-                         url="http://api.example/x", truncated=False, content_type="text/plain")
+    ok = ok_response()
     # Given a run that succeeds: its outcome, release and counters go in one transaction
     run = begin("t-ok")
     with run.permit(run.preflight()) as attempt:

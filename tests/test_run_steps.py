@@ -57,6 +57,18 @@ def begin(settings, clock=None, **kwargs):
     return CalloutRun.begin(task_request(), (), kwargs, settings=settings, clock=clock or FakeClock())
 
 
+def begin_on(settings, task_id: str, queue: str, **kwargs) -> CalloutRun:
+    """A run of ``task_id`` received from ``queue`` (a GET of http://api.example/x unless told)."""
+    kwargs = {"url": "http://api.example/x", **kwargs}
+    return CalloutRun.begin(task_request(task_id, queue), (), kwargs, settings=settings, clock=FakeClock())
+
+
+def ok_response(url: str = "http://api.example/x") -> SimpleNamespace:
+    """A 200 answer with a short text body, as the HTTP step hands it over."""
+    return SimpleNamespace(status_code=200, headers={}, body=b"ok", encoding="utf-8", elapsed_ms=5.0, url=url,
+                           truncated=False, content_type="text/plain")
+
+
 def test_bad_arguments_are_dead_lettered_before_a_run_exists(redis_client, settings):
     with pytest.raises(CalloutRejected) as info:
         CalloutRun.begin(task_request("bad"), (), {"url": "ftp://x"}, settings=settings, clock=FakeClock())
