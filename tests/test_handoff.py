@@ -124,8 +124,10 @@ def test_a_slot_is_handed_to_a_waiter_of_its_process_without_ever_coming_free(re
     calls = commands(redis_client)
     assert "lpush" not in calls and calls["evalsha"] == 1, calls
     assert not redis_client.exists(KEYS.slot_signal("acme"))
-    assert redis_client.zscore(KEYS.slots_held("acme"), "1") == grant.deadline_ms
-    assert redis_client.zscore(KEYS.lease_index, first.name) == grant.deadline_ms
+    # (the hints keep the first grant's deadline: the reaper and a try look at the key itself)
+    assert redis_client.zscore(KEYS.slots_held("acme"), "1") == first.deadline_ms
+    assert redis_client.zscore(KEYS.lease_index, first.name) == first.deadline_ms
+    assert 0 < redis_client.pttl(KEYS.lease(first.name)) <= TTL_MS
     # and its attempt is on record, stamped as a grant stamps it, numbered from the ledger
     h = {k.decode(): v.decode() for k, v in redis_client.hgetall(KEYS.inflight("t2")).items()}
     assert (h["owner"], h["delivery_tag"], h["lease"], h["lease_token"], h["fence"], h["attempt"]) == \
@@ -367,3 +369,26 @@ def test_a_run_that_succeeds_hands_its_slot_to_a_run_of_its_process_waiting_for_
     assert out["holder"] == check_b.token == out["grant"].token
     assert out["grant"].fence > attempt_a.grant.fence and out["grant"].handoffs == 1
     assert redis_client.get(KEYS.done("t-a")) is not None
+
+
+def test_a_handed_slot_whose_hints_are_early_is_neither_reaped_nor_granted_again(redis_client, client_permit, key,
+                                                                                  redis_waiter):
+    # Given a slot handed on (its lease index entry and slot set entry keep the first grant's deadline)
+    from onelane.coordination.lease import Lease
+
+    holder = client_permit
+    first = holder.slots.try_acquire("tok-first", ttl_ms=TTL_MS)
+    waiter = LocalWaiter(redis_client, 1, "t11").start(key)
+    end_attempt(redis_client, holder, first)
+    grant = waiter.grant()
+    # When the reaper passes once that early deadline is due, and the slot set's entry says free
+    # (as it does once its deadline passes) while the new holder still holds the key
+    assert not Lease(redis_client, first.name, keys=KEYS).reap(now_ms=first.deadline_ms + 1)
+    redis_client.zadd(KEYS.slots_held("acme"), {"1": 1})
+    refused = permit(redis_client, 1).slots.try_acquire("tok-late", ttl_ms=TTL_MS)
+    # Then neither takes the slot from its holder: the reaper moved the index entry to the key's
+    # expiry, and the try found the key held and was refused (the slot set read again from the keys)
+    assert redis_client.get(KEYS.lease(first.name)).decode() == grant.token
+    assert redis_client.zscore(KEYS.lease_index, first.name) > first.deadline_ms
+    assert isinstance(refused, int)
+    assert redis_client.zscore(KEYS.slots_held("acme"), "1") > 1_000_000

@@ -249,10 +249,10 @@ class Semaphore:
             return self._after_release
         try:
             k, st = self.keys, waiter.stamp
-            keys = [k.lease(grant.name), k.lease_fence(self.fence_name), k.lease_index, k.slots_held(self.resource),
-                    st.record_key, st.index_key, st.attempts_key]
-            pipe.evalsha(sha, len(keys), *keys, grant.token, waiter.token, int(waiter.ttl_ms), grant.slot,
-                         grant.name, st.member, int(st.due_in_ms), *st.fields)
+            keys = [k.lease(grant.name), k.lease_fence(self.fence_name), st.record_key, st.index_key,
+                    st.attempts_key]
+            pipe.evalsha(sha, len(keys), *keys, grant.token, waiter.token, int(waiter.ttl_ms), grant.name,
+                         st.member, int(st.due_in_ms), *st.fields)
         except BaseException:
             handoff.settle(waiter, handoff.TRY)
             raise
