@@ -210,7 +210,6 @@ class SlotPermit:
     def speculate(self, pipe, record, *, token, ttl_ms, timeout_ms):
         if self.rate is not None:
             return 0  # the rate is asked for while the slot is held: only once the attempt is sure
-        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
         self._local = False
         # a token whose try went unanswered may hold a slot: it tries at once (granted that slot again)
         queued = self.slots.others_waiting() and not self._waited_last and not self.slots.may_hold(token)
@@ -220,6 +219,7 @@ class SlotPermit:
             # a slot one of its tasks hands on (acquire), with no Redis step before its attempt
             self._local = True
             return 0
+        stamp = self.inflight.stamp(record, due_in_ms=timeout_ms + _EARLY_DEADLINE_SLACK_MS)
         if queued:
             # Another task of this process waits for a slot: a try now would most likely be refused,
             # and a try is a script, the dearest step of a capped callout. The task queues behind:

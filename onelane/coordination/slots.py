@@ -62,8 +62,6 @@ class SlotGrant(Grant):
 
     slot: int = 0
     cap: int = 1
-    #: how many times in a row the slot was handed on within its process before this grant
-    handoffs: int = 0
     #: when (time.monotonic(), this process) the slot was taken from Redis; a handoff keeps it
     kept_since: float = 0.0
 
@@ -196,9 +194,7 @@ class Semaphore:
     def end_waiting(self) -> None:
         with _waiting_lock:
             _waiting[self._waiting_key] -= 1
-            last = _waiting[self._waiting_key] <= 0
-        if last:  # tasks waiting in the process for a handoff: the oldest now waits in Redis
-            handoff.nudge(self._waiting_key, handoff.WAIT)
+        self.keep_one_waiting()  # the last one in Redis left: the oldest in the process's line takes its place
 
     @contextmanager
     def _counted_waiting(self):
@@ -218,7 +214,7 @@ class Semaphore:
         if pipe is not None:
             return _RELEASE.queue_on(pipe, self.client, keys=keys, args=args)
         res = _RELEASE(self.client, keys=keys, args=args)
-        self._after_release([res])
+        self.keep_one_waiting(handoff.TRY)
         return res
 
     # -- handoffs within the process (:mod:`onelane.coordination.handoff`) -------------------------
@@ -266,7 +262,7 @@ class Semaphore:
                 handoff.settle(waiter, handoff.TRY)
                 return
             handed = replace(grant, token=waiter.token, fence=int(res[1]), deadline_ms=int(res[2]),
-                             now_ms=int(res[3]), handoffs=grant.handoffs + 1)
+                             now_ms=int(res[3]))
             if not handoff.settle(waiter, handoff.HANDED, handed):
                 self.release(handed)  # it stopped waiting for this transaction and went on without it
         return settle
@@ -275,17 +271,18 @@ class Semaphore:
         """Whether a try with ``token`` went unanswered (its reply lost): it may hold a slot."""
         return token in self._unanswered
 
-    def keep_one_waiting(self) -> None:
-        """After a grant won with nobody of this process waiting in Redis: if tasks wait here in line,
-        the oldest goes to wait there (so a release by another worker is not missed)."""
+    def keep_one_waiting(self, outcome: str = handoff.WAIT) -> None:
+        """While tasks of this process wait in its line and none waits in Redis (the last one left, or
+        a grant was won with nobody there), the oldest goes to Redis: to wait for a release (WAIT, so
+        a release by another worker is not missed) or, after a release to every worker, to try for
+        the slot (TRY)."""
         if not self.others_waiting() and handoff.waiting(self._waiting_key):
-            handoff.nudge(self._waiting_key, handoff.WAIT)
+            handoff.nudge(self._waiting_key, outcome)
 
     def _after_release(self, replies) -> None:
-        """After a release to every worker: if no task of this process waits in Redis (woken by the
-        release, or by the next), the one waiting here longest tries for the slot."""
-        if replies is not None and not self.others_waiting():
-            handoff.nudge(self._waiting_key)
+        """After a release to every worker in the outcome's transaction (None: it failed)."""
+        if replies is not None:
+            self.keep_one_waiting(handoff.TRY)
 
     def held(self) -> int:
         """How many slots are held now."""
