@@ -67,6 +67,8 @@ def test_cap_25_holds_across_two_workers_of_20_threads(base_env, redis_client, a
     st = wait_batch(redis_client, batch_id, 240)
     elapsed = time.time() - t0
     assert st.done == 2000 and st.failed == 0 and st.dead_lettered == 0
+    # (each success dropped its message's receiver record with its ack: none left for the reaper)
+    assert redis_client.hlen(KEYS.reserved("bulk")) == 0
     assert api.overlaps == 0
     assert api.max_concurrency <= 25
     out = procs.subprocess.run([str(procs.VENV_BIN / "onelane"), "status", "--json"], env=env,

@@ -178,6 +178,34 @@ def test_success_records_the_outcome_and_releases_in_one_step(redis_client, sett
     assert Lease(redis_client, KEYS.resource_lease("serial"), keys=KEYS).holder() is None
 
 
+def test_a_bulk_success_drops_its_receiver_record_with_its_ack_and_a_failure_keeps_it(redis_client, settings,
+                                                                                      monkeypatch):
+    from onelane.core.settings import WORKER_ID_ENV
+
+    # Given two runs of the bulk queue received by this worker (their receiver records written by
+    # their first read, as for every bulk message)
+    monkeypatch.setenv(WORKER_ID_ENV, "w-live")
+
+    def received(task_id: str) -> CalloutRun:
+        request = SimpleNamespace(id=task_id, delivery_info={"routing_key": "bulk"},
+                                  properties={"delivery_tag": f"tag-{task_id}"})
+        return CalloutRun.begin(request, (), {"url": "http://api.example/x"}, settings=settings, clock=FakeClock())
+
+    ok, failing = received("t-ok"), received("t-failing")
+    checks = {run: run.preflight() for run in (ok, failing)}
+    assert redis_client.hgetall(KEYS.reserved("bulk")) == {b"tag-t-ok": b"w-live", b"tag-t-failing": b"w-live"}
+    # When the first succeeds and the second's attempt fails (it will be retried)
+    with ok.permit(checks[ok]) as attempt:
+        ok.record_success(attempt, Reply(response=ok_response(), started=1.0, elapsed_ms=5.0),
+                          Verdict("succeeded", api_up=True))
+    with failing.permit(checks[failing]) as attempt:
+        failing.record_attempt(attempt, Reply(error="connection error: refused", started=1.0, elapsed_ms=3.0),
+                               Verdict(RETRY, "connection error: refused", wait_s=1.0))
+    # Then the success took its receiver record with its ack (nothing left for the reaper to clear),
+    # and the message still running keeps its own: the reaper finds it should this worker die
+    assert redis_client.hgetall(KEYS.reserved("bulk")) == {b"tag-t-failing": b"w-live"}
+
+
 def test_a_strict_retry_sleeps_the_verdicts_wait_on_the_runs_clock(redis_client, settings):
     clock = FakeClock()
     run = begin(settings, clock)

@@ -465,6 +465,12 @@ class CalloutRun:
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         if d.delivery_tag:  # acknowledged with its outcome (the worker's ack then stays in memory)
             queue_acknowledge(done, d.delivery_tag)
+            if d.queue == self.settings.bulk_queue:
+                # and its receiver record with it: the reaper needs it only for a message still unacked
+                # (it would drop it later, a round trip and a script each); and the hash stays as
+                # small as what is running, where it grew by a field a callout till the reaper's next
+                # pass, each HSET scanning a listpack of up to 512 fields (Redis's default)
+                done.hdel(self.keys.reserved(d.queue), d.delivery_tag)
         # the permit last: released, or a slot handed on to a task of this process waiting for one,
         # who learns how the transaction went whatever happens
         settle = self.permits.hand_off(attempt.grant, pipe=done)
