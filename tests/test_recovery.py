@@ -141,6 +141,42 @@ def test_fetched_message_of_a_dead_bulk_worker_goes_back_to_the_head(redis_clien
 
 
 @pytest.mark.redis
+def test_a_dead_bulk_workers_callout_still_at_the_api_waits_for_its_deadline_in_the_fetch_list(redis_client,
+                                                                                             celery_app):
+    from onelane.core.clock import redis_now_ms
+    from onelane.delivery.inflight import Inflight, InflightRecord
+
+    # Given a bulk worker that is gone (no presence) whose fetch list holds two callouts: one never
+    # started, one running from there (a bulk callout stays in the fetch list till its success's
+    # ack), its attempt recorded in flight with its deadline 1.5 s ahead
+    never_started, _ = fetch(redis_client, celery_app, "bulk", "dead-token")
+    running, running_item = fetch(redis_client, celery_app, "bulk", "dead-token")
+    tag = json.loads(running_item)["properties"]["delivery_tag"]
+    deadline_ms = redis_now_ms(redis_client) + 1500
+    Inflight(redis_client, KEYS).record(InflightRecord(
+        task_id=running, queue="bulk", resource="acme", owner="dead-token", lease="resource:acme#1",
+        lease_token="tok", fence=7, started_ms=deadline_ms - 3000, deadline_ms=deadline_ms, attempt=1,
+        delivery_tag=tag, host="h", pid=1, kwargs={}))
+    # When the reaper runs before that deadline
+    report = run_reaper(redis_client)
+    # Then the callout never started goes back at once; the running one stays where it is (the API
+    # may still be working on it), and so does its fetch list's entry in the index
+    assert report.requeued == [never_started] and report.waiting == [running]
+    assert queued_ids(redis_client) == [never_started]
+    assert redis_client.lrange(KEYS.fetch_list("bulk", "dead-token"), 0, -1) == [running_item]
+    assert redis_client.hexists(KEYS.fetch_lists, KEYS.fetch_list("bulk", "dead-token"))
+    assert Inflight(redis_client, KEYS).get(running) is not None
+    # and once the deadline has passed, the next pass moves it back too, dropping its attempt's record
+    time.sleep(max(0.0, (deadline_ms - redis_now_ms(redis_client)) / 1000) + 0.05)
+    report = run_reaper(redis_client)
+    assert report.requeued == [running] and report.waiting == []
+    assert queued_ids(redis_client) == [running, never_started]
+    assert Inflight(redis_client, KEYS).get(running) is None
+    assert redis_client.zscore(KEYS.inflight_index("bulk"), running) is None
+    assert redis_client.hlen(KEYS.fetch_lists) == 0 and redis_client.llen(KEYS.fetch_list("bulk", "dead-token")) == 0
+
+
+@pytest.mark.redis
 def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celery_app):
     _task_id, item = fetch(redis_client, celery_app, "bulk", "live-token")
     redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)

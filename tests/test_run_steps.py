@@ -206,6 +206,74 @@ def test_a_bulk_success_drops_its_receiver_record_with_its_ack_and_a_failure_kee
     assert redis_client.hgetall(KEYS.reserved("bulk")) == {b"tag-t-failing": b"w-live"}
 
 
+def fast_taken(redis_client, settings, monkeypatch, task_id: str, **env) -> CalloutRun:
+    """A run of a bulk message the fast take delivered: the message waits in this worker's fetch list
+    (as the LMOVE left it), its delivery carrying it as the fetch list holds it."""
+    from onelane.core.settings import WORKER_ID_ENV
+    from onelane.delivery.fetching import FETCHED
+
+    monkeypatch.setenv(WORKER_ID_ENV, "w-live")
+    message = json.dumps({"body": "...", "headers": {"id": task_id},
+                          "properties": {"delivery_tag": f"tag-{task_id}", "body_encoding": "base64"}})
+    redis_client.lpush(KEYS.fetch_list("bulk", "w-live"), message)
+    request = SimpleNamespace(id=task_id, delivery_info={"routing_key": "bulk", "exchange": ""},
+                              properties={"delivery_tag": f"tag-{task_id}", FETCHED: message})
+    s = load_settings({"REDIS_URL": settings.redis_url, "ONELANE_ALLOW_PRIVATE_NETWORKS": "1", **env})
+    return CalloutRun.begin(request, (), {"url": "http://api.example/x"}, settings=s, clock=FakeClock())
+
+
+def test_a_fast_taken_bulk_callout_runs_from_the_fetch_list_and_its_success_acks_it_there(redis_client, settings,
+                                                                                          monkeypatch):
+    from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
+
+    # Given a bulk message the fast take delivered, waiting in this worker's fetch list
+    run = fast_taken(redis_client, settings, monkeypatch, "t-fast")
+    # When its run reads, calls and succeeds
+    check = run.preflight()
+    # Then nothing was claimed: the message stays in the fetch list (which says whose it is) while it
+    # runs, with no unacked copy and no receiver record to write and take away again
+    assert redis_client.llen(KEYS.fetch_list("bulk", "w-live")) == 1
+    assert not redis_client.exists(KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KEYS.reserved("bulk"))
+    with run.permit(check) as attempt:
+        assert Inflight(redis_client, KEYS).get("t-fast").owner == "w-live"
+        run.record_success(attempt, Reply(response=ok_response(), started=1.0, elapsed_ms=5.0),
+                           Verdict("succeeded", api_up=True))
+    # and its success's transaction took it off the fetch list with the outcome: acknowledged
+    assert json.loads(redis_client.get(KEYS.done("t-fast")))["status"] == "success"
+    assert redis_client.llen(KEYS.fetch_list("bulk", "w-live")) == 0
+    assert not redis_client.exists(KOMBU_UNACKED, KOMBU_UNACKED_INDEX, KEYS.reserved("bulk"))
+    # and a copy delivered again (its recorded outcome answers it) is acknowledged from there too
+    again = fast_taken(redis_client, settings, monkeypatch, "t-fast")
+    prior = again.preflight().prior
+    assert again.recorded(prior)["status_code"] == 200
+    assert redis_client.llen(KEYS.fetch_list("bulk", "w-live")) == 0
+
+
+def test_a_fast_taken_bulk_callout_given_back_or_deferred_is_claimed_first(redis_client, settings, monkeypatch):
+    import onelane.callout.run as run_module
+
+    # Given two bulk messages the fast take delivered, the bulk queue paused, relaxed order
+    monkeypatch.setattr(run_module, "PAUSE_WAIT_S", 0.05)
+    paused = fast_taken(redis_client, settings, monkeypatch, "t-paused", ONELANE_ORDERING="relaxed")
+    flow.pause(redis_client, KEYS, "bulk")
+    # When the first finds the queue still paused (it gives its message back at the head)
+    with pytest.raises(Ignore):
+        paused.wait_until_open(paused.preflight())
+    flow.resume(redis_client, KEYS, "bulk")
+    # and the second's attempt fails with a retry due later (relaxed: it moves to the delay set)
+    later = fast_taken(redis_client, settings, monkeypatch, "t-later", ONELANE_ORDERING="relaxed")
+    with later.permit(later.preflight()) as attempt:
+        pass
+    with pytest.raises(Ignore):
+        later.wait_before_retry(attempt, Verdict(RETRY, "503 down", wait_s=30))
+    # Then each was claimed out of the fetch list first, and moved from its unacked copy: one back at
+    # the head of the queue, one in the delay set, neither left behind anywhere
+    assert redis_client.llen(KEYS.fetch_list("bulk", "w-live")) == 0
+    assert [json.loads(m)["headers"]["id"] for m in flow.waiting(redis_client, KEYS, "bulk")] == ["t-paused"]
+    assert redis_client.zcard(KEYS.delayed("bulk")) == 1
+    assert not redis_client.hlen("unacked") and not redis_client.zcard("unacked_index")
+
+
 def test_a_strict_retry_sleeps_the_verdicts_wait_on_the_runs_clock(redis_client, settings):
     clock = FakeClock()
     run = begin(settings, clock)

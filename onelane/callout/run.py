@@ -179,8 +179,13 @@ class CalloutRun:
         #: the number the next attempt should have (its in-flight record may be written before the
         #: preflight reads how many attempts finished: the number is checked then)
         self._next_attempt = 1
-        #: a message the fast take delivered waits in the worker's fetch list for the preflight's claim
+        #: a message the fast take delivered waits in the worker's fetch list for its claim (recorded as
+        #: unacked, in kombu's layout): a lane's first preflight claims it; on the bulk queue it stays
+        #: in the fetch list, which says whose it is, till its success's ack takes it from there (in
+        #: the outcome's transaction) or a step that needs it unacked claims it first (a give-back, a
+        #: deferral). Five commands less a bulk callout (README, "The bulk queue's Redis CPU").
         self._unclaimed = delivery.fetched is not None and bool(delivery.delivery_tag and delivery.owner)
+        self._claim_late = self._unclaimed and delivery.queue == s.bulk_queue
         self._said_circuit_open = False
         #: the task ids this callout carries (coalescing), read before each attempt
         self.carried: list[dict] = []
@@ -225,10 +230,9 @@ class CalloutRun:
         record = self._record(attempt=self._next_attempt)
         pipe = self.client.pipeline(transaction=False)
         claimed = 0  # replies before the reads: the claim's, and the receiver record's
-        if self._unclaimed:  # first of all: the message is unacked before anything is in flight
-            claimed = queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
-                                  message=d.fetched, exchange=d.exchange, routing_key=d.queue)
-        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue:
+        if self._unclaimed and not self._claim_late:  # first of all: unacked before anything is in flight
+            claimed = self._queue_claim(pipe)
+        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue and not self._claim_late:
             # the receiver record (the claim's, or again: the worker wrote it on receipt, and this
             # covers a Redis error then), before the try ahead: a wait for a slot may follow it in
             # this round trip, and the reaper finds a dead receiver's messages by this record
@@ -255,7 +259,7 @@ class CalloutRun:
         if replies is None:
             forget(self.client)
             return self._preflight(token, waited_ms)  # a wait in it is over: the permit tries at once
-        self._unclaimed = False
+        self._unclaimed = self._unclaimed and self._claim_late
         values, finished, circuit_raw, now = replies[claimed:claimed + 4]
         recorded, paused = values[:outcome_values], values[outcome_values]
         first = claimed + 4
@@ -329,8 +333,46 @@ class CalloutRun:
 
     def _acknowledge_now(self) -> None:
         pipe = self.client.pipeline(transaction=True)
-        queue_acknowledge(pipe, self.delivery.delivery_tag)
+        self._queue_ack(pipe)
         pipe.execute()
+
+    def _queue_ack(self, pipe) -> None:
+        """Queue the message's ack on ``pipe``: its removal from the worker's fetch list while it waits
+        there unclaimed, else the removal of kombu's unacked copy, and of a bulk message's receiver
+        record with it (the reaper needs that only for a message still unacked, and would drop it later,
+        a round trip and a script each)."""
+        d = self.delivery
+        if self._unclaimed:
+            pipe.lrem(self.keys.fetch_list(d.queue, d.owner), 1, d.fetched)
+            return
+        queue_acknowledge(pipe, d.delivery_tag)
+        if d.queue == self.settings.bulk_queue:
+            pipe.hdel(self.keys.reserved(d.queue), d.delivery_tag)
+
+    def _queue_claim(self, pipe) -> int:
+        """Queue the claim of the message waiting in the worker's fetch list: recorded as unacked
+        (kombu's layout), then off the fetch list. Return the replies it adds."""
+        d = self.delivery
+        return queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
+                           message=d.fetched, exchange=d.exchange, routing_key=d.queue)
+
+    def _claim_now(self) -> None:
+        """Before a step that moves the message from kombu's unacked copy (a give-back, a deferral): a
+        bulk message still in the worker's fetch list is claimed first, with its receiver record,
+        in one transaction (the message is in one place or the other, never neither)."""
+        if not self._unclaimed:
+            return
+        d = self.delivery
+
+        def claim() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            if d.queue == self.settings.bulk_queue:
+                pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
+            self._queue_claim(pipe)
+            pipe.execute()
+
+        self._redis(claim)
+        self._unclaimed = self._claim_late = False
 
     def wait_until_open(self, check: Preflight) -> bool:
         """Wait while the queue is paused or the resource's circuit is open.
@@ -464,13 +506,7 @@ class CalloutRun:
         self._count_attempt(done, attempt, reply)
         self._queue_coalescing_end(done, SUCCESS, result=result, error=None, now_ms=finished_ms)
         if d.delivery_tag:  # acknowledged with its outcome (the worker's ack then stays in memory)
-            queue_acknowledge(done, d.delivery_tag)
-            if d.queue == self.settings.bulk_queue:
-                # and its receiver record with it: the reaper needs it only for a message still unacked
-                # (it would drop it later, a round trip and a script each); and the hash stays as
-                # small as what is running, where it grew by a field a callout till the reaper's next
-                # pass, each HSET scanning a listpack of up to 512 fields (Redis's default)
-                done.hdel(self.keys.reserved(d.queue), d.delivery_tag)
+            self._queue_ack(done)
         # the permit last: released, or a slot handed on to a task of this process waiting for one,
         # who learns how the transaction went whatever happens
         settle = self.permits.hand_off(attempt.grant, pipe=done)
@@ -545,6 +581,7 @@ class CalloutRun:
     def give_back_at_head(self, why: str) -> Ignore:
         """Put this message back at the head of its queue (order kept); return the Ignore that ends the run."""
         d = self.delivery
+        self._claim_now()
         self._redis(lambda: requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
                                             task_id=d.task_id))
         log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
@@ -591,6 +628,9 @@ class CalloutRun:
         """Move the message to the delay set, due in ``wait_s``, and end the run (Ignore); a message
         not delivered through kombu (an eager call) cannot move, so sleep instead."""
         d = self.delivery
+
+        if d.delivery_tag:
+            self._claim_now()
 
         def defer() -> bool:
             due_ms = redis_now_ms(self.client) + int(wait_s * 1000)

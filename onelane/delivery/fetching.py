@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.core.scripts import LuaScript, forget
 from onelane.delivery.coalescing import arrival
-from onelane.delivery.inflight import MOVED, NOT_HELD, Requeue, requeue_at_head
+from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, Requeue, requeue_at_head
 from onelane.delivery.messages import parse_queued, task_id_of
 
 _NEXT = LuaScript(__package__, "fetch_next")
@@ -150,14 +150,20 @@ def queue_claim(pipe, *, fetch_list: str, delivery_tag: str, message: str, excha
     return 3
 
 
-def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> list[str]:
-    """Give the fetch lists of ``queue``'s workers that are gone back to the head of the queue.
+def return_fetched(client, keys: Keys, owner_alive, *, queue: str, now_ms: int) -> tuple[list[str], list[str]]:
+    """Give the fetch lists of ``queue``'s workers that are gone back to the head of the queue; return
+    the task ids moved and those left waiting.
 
-    ``owner_alive(token)`` says whether a worker still counts as alive. Returns the task
-    ids moved. Safe to run twice at once, and against a worker claiming: each message
-    moves once, and a message moved back is not delivered by its fetcher.
+    A bulk callout stays in its worker's fetch list while it runs (its success's ack takes it from
+    there): one whose attempt's deadline is still ahead (``now_ms``, the Redis clock) is left where it
+    is, since the API may still be working on it, and its fetch list with it; the reaper's next pass
+    moves it once the deadline has passed, dropping that attempt's in-flight record first (only if
+    it still names the worker that is gone). ``owner_alive(token)`` says whether a worker still
+    counts as alive. Safe to run twice at once, and against a worker acknowledging or claiming: each
+    message moves once, and a message moved back is not delivered by its fetcher.
     """
-    moved_ids = []
+    inflight = Inflight(client, keys)
+    moved_ids, waiting_ids = [], []
     for fetch_list, raw in client.hgetall(keys.fetch_lists).items():
         try:
             info = json.loads(raw)
@@ -166,10 +172,27 @@ def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> list[str]:
             continue
         if info.get("queue") != queue or owner_alive(token):
             continue
-        moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=True)
-        for item in moved:
-            moved_ids.append(task_id_of(parse_queued(item) or {}) or "?")
-    return moved_ids
+        items = client.lrange(fetch_list, 0, -1)  # newest first, as give_back takes them
+        running, due = [], []
+        for item in items:
+            task_id = task_id_of(parse_queued(item) or {})
+            rec = inflight.get(task_id) if task_id else None
+            if rec is not None and rec.deadline_ms > now_ms:
+                running.append(task_id)
+            else:
+                due.append((item, task_id, rec))
+        for item, task_id, rec in due:
+            if rec is not None:  # its attempt's record, if still the dead worker's: the message has no unacked copy
+                requeue_at_head(client, keys, queue=queue, delivery_tag=rec.delivery_tag, task_id=task_id,
+                                expect_owner=token)
+        if running:
+            moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=False,
+                              only=[item for item, _, _ in due])
+        else:
+            moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=True)
+        moved_ids += [task_id_of(parse_queued(item) or {}) or "?" for item in moved]
+        waiting_ids += running
+    return moved_ids, waiting_ids
 
 
 def requeue_taken(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, fetched: str | None = None,

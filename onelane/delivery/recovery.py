@@ -80,8 +80,7 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
     # Messages a worker took off the queue but never recorded: only the guard holder
     # consumes this queue, so any other worker's fetch list is an orphan.
     alive = (lambda token: token == live_owner) if live_owner else presence_alive(client, keys)
-    for task_id in return_fetched(client, keys, alive, queue=queue):
-        _note(report, MOVED, task_id, "fetched by a worker that died before recording it")
+    _return_fetched(client, keys, report, alive, queue=queue, now_ms=now_ms)
 
     for task_id in inflight.task_ids(queue):
         rec = inflight.get(task_id)
@@ -105,6 +104,15 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
     _requeue_unclaimed(client, keys, report, queue=queue, cutoff_s=cutoff_s,
                        why="reserved by a dead worker before it started")
     return report
+
+
+def _return_fetched(client, keys: Keys, report: RecoveryReport, owner_alive, *, queue: str, now_ms: int) -> None:
+    """The fetch lists of workers that are gone, back to the head of the queue, but for callouts whose
+    attempt may still be at the API (their deadline ahead): those wait."""
+    moved, waiting = return_fetched(client, keys, owner_alive, queue=queue, now_ms=now_ms)
+    for task_id in moved:
+        _note(report, MOVED, task_id, "fetched by a worker that is gone")
+    report.waiting += waiting
 
 
 def _requeue_unclaimed(client, keys: Keys, report: RecoveryReport, *, queue: str, cutoff_s: float,
@@ -176,8 +184,7 @@ def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive, mar
     def forget(tag: str, owner: str) -> None:
         _HDEL_IF(client, keys=[keys.reserved(queue)], args=[tag, owner])
 
-    for task_id in return_fetched(client, keys, owner_alive, queue=queue):
-        _note(report, MOVED, task_id, "fetched by a worker that died before recording it")
+    _return_fetched(client, keys, report, owner_alive, queue=queue, now_ms=now_ms)
     for tag, owner in text_map(client.hgetall(keys.reserved(queue))).items():
         raw = client.hget(KOMBU_UNACKED, tag)
         if raw is None:  # acked, or moved back to the queue already

@@ -60,8 +60,9 @@ _ACKED_WITH_OUTCOME: set = set()
 _ACKED_WITH_OUTCOME_MAX = 10_000
 #: the messages the fast take handed to this process's tasks (delivery tag -> the message as the
 #: fetch list holds it) until they are acknowledged or rejected: neither a reconnect nor a channel's
-#: restore gives one of them back to the queue, since its task may claim it at any moment (the
-#: reaper gives them back if this worker dies)
+#: restore gives one of them back to the queue, since its task may claim it at any moment, or (the
+#: bulk queue) is running it from there (the reaper gives them back if this worker dies, each once
+#: its attempt's deadline has passed)
 _RUNNING_FETCHED: dict = {}
 
 
@@ -76,11 +77,11 @@ def acked_with_outcome(delivery_tag: str) -> None:
 
 
 def _running_fetched(delivery_tag: str, message: str) -> None:
-    """Note a message the fast take hands to a task (bounded as the set above: past the bound it is
-    emptied, and a reconnect may then give back a message whose task still runs, at worst a
-    delivery its recorded outcome answers)."""
-    if len(_RUNNING_FETCHED) >= _ACKED_WITH_OUTCOME_MAX:
-        _RUNNING_FETCHED.clear()
+    """Note a message the fast take hands to a task. Bounded as the set above, oldest first out: an
+    entry whose ack never came (a lost connection) goes long before a worker could have that
+    many tasks running."""
+    while len(_RUNNING_FETCHED) >= _ACKED_WITH_OUTCOME_MAX:
+        del _RUNNING_FETCHED[next(iter(_RUNNING_FETCHED))]
     _RUNNING_FETCHED[delivery_tag] = message
 
 
