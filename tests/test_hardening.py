@@ -249,6 +249,41 @@ def test_warm_shutdown_keeps_the_guard_until_the_callout_in_flight_is_recorded(b
     assert w1.proc.wait(timeout=20) == 0
 
 
+@pytest.mark.e2e
+def test_a_bulk_workers_warm_shutdown_keeps_its_presence_till_its_callouts_are_done(base_env, redis_client, api,
+                                                                                   start, celery_app):
+    # Given a bulk worker running a 5 s callout on a resource capped at 1, and a second callout it
+    # took that waits for the slot, and the reaper every 0.5 s
+    env = {**base_env, "ONELANE_GUARD_TTL": "2", "ONELANE_REAP_INTERVAL": "0.5",
+           "ONELANE_LIMITS": json.dumps({"acme": {"concurrency": 1}})}
+    w1 = start(procs.worker(env, "b1", queue="bulk", extra=["--pool", "threads", "-c", "2"]))
+    start(procs.beat(env))
+    api.script("long", [Reply(200, {"ok": 1}, delay_s=5)])
+    results = [celery_app.send_task("tasks.callout", queue="bulk",
+                                    kwargs={"url": f"{api.url}/{k}", "idempotency_key": k, "resource": "acme"})
+               for k in ("long", "next")]
+    wait_for(lambda: api.calls_for("long"), 20, what="the long call to start")
+    keys = Keys()
+    wait_for(lambda: redis_client.llen("bulk") + redis_client.llen(keys.ready("bulk")) == 0, 10,
+             what="the second callout to be taken")
+
+    def present() -> list:
+        return [k for k in redis_client.scan_iter(match=keys.lease(keys.presence("*"))) if not k.endswith(b":holder")]
+
+    assert len(present()) == 1
+    # When the worker gets a warm shutdown (SIGTERM) mid-call
+    os.kill(w1.pid, signal.SIGTERM)
+    time.sleep(1.5)
+    # Then it is still present while its callouts run (the reaper gives back nothing it still runs)
+    assert not api.calls_for("long")[0].end and len(present()) == 1
+    # and, another bulk worker ready to take whatever would come back, both callouts end once,
+    # each called once; the worker withdraws when it has finished them
+    start(procs.worker(env, "b2", queue="bulk", extra=["--pool", "threads", "-c", "2"]))
+    assert [r.get(timeout=30)["status_code"] for r in results] == [200, 200]
+    assert w1.proc.wait(timeout=20) == 0
+    assert (len(api.calls_for("long")), len(api.calls_for("next"))) == (1, 1)
+
+
 class NotRedis:
     """A TCP server that answers every connection like an HTTP server and keeps it open."""
 

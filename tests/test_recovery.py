@@ -177,6 +177,33 @@ def test_a_dead_bulk_workers_callout_still_at_the_api_waits_for_its_deadline_in_
 
 
 @pytest.mark.redis
+def test_a_second_reaper_with_a_stale_reading_of_a_fetch_list_touches_nothing(redis_client, celery_app):
+    from onelane.delivery import fetching
+    from onelane.delivery.inflight import Inflight, InflightRecord
+
+    # Given a dead worker's fetch list holding a callout whose attempt's deadline has passed, which a
+    # first reaper gave back (dropping that attempt's record), then another worker that took the
+    # message again (unacked under the same tag) and has not recorded its attempt yet
+    task_id, item = fetch(redis_client, celery_app, "bulk", "dead-token")
+    tag = json.loads(item)["properties"]["delivery_tag"]
+    Inflight(redis_client, KEYS).record(InflightRecord(
+        task_id=task_id, queue="bulk", resource="acme", owner="dead-token", lease="", lease_token="", fence=0,
+        started_ms=0, deadline_ms=1, attempt=1, delivery_tag=tag, host="h", pid=1, kwargs={}))
+    assert run_reaper(redis_client).requeued == [task_id]
+    assert Inflight(redis_client, KEYS).get(task_id) is None
+    redis_client.rpop("bulk")
+    redis_client.hset(KOMBU_UNACKED, tag, json.dumps([json.loads(item), "", "bulk"]))
+    # When a second reaper acts on what it read of the fetch list before the first moved it
+    fetch_list = KEYS.fetch_list("bulk", "dead-token")
+    moved, waiting = fetching._REAP(redis_client, keys=[fetch_list, "bulk", KEYS.fetch_lists, KEYS.ready("bulk"),
+                                                        KEYS.inflight_index("bulk"), KEYS.inflight(task_id)],
+                                    args=["dead-token", item, task_id])
+    # Then it moved nothing and left the other worker's copy alone (one delivery, not two)
+    assert (moved, waiting) == ([], [])
+    assert redis_client.llen("bulk") == 0 and redis_client.hexists(KOMBU_UNACKED, tag)
+
+
+@pytest.mark.redis
 def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celery_app):
     _task_id, item = fetch(redis_client, celery_app, "bulk", "live-token")
     redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)

@@ -274,6 +274,25 @@ def test_a_fast_taken_bulk_callout_given_back_or_deferred_is_claimed_first(redis
     assert not redis_client.hlen("unacked") and not redis_client.zcard("unacked_index")
 
 
+def test_a_fast_taken_bulk_callout_given_back_meanwhile_is_left_alone_by_its_run(redis_client, settings,
+                                                                                 monkeypatch):
+    import onelane.callout.run as run_module
+
+    # Given a bulk message the fast take delivered, its run waiting on a paused queue, and the message
+    # given back to the queue meanwhile (its worker counted as gone: the reaper moved it)
+    monkeypatch.setattr(run_module, "PAUSE_WAIT_S", 0.05)
+    run = fast_taken(redis_client, settings, monkeypatch, "t-taken")
+    flow.pause(redis_client, KEYS, "bulk")
+    check = run.preflight()
+    redis_client.lmove(KEYS.fetch_list("bulk", "w-live"), "bulk", "RIGHT", "RIGHT")
+    # When the run gives its message back (still paused)
+    with pytest.raises(Ignore):
+        run.wait_until_open(check)
+    # Then it claimed nothing and moved nothing: the message exists once, where the reaper put it
+    assert [json.loads(m)["headers"]["id"] for m in flow.waiting(redis_client, KEYS, "bulk")] == ["t-taken"]
+    assert not redis_client.exists("unacked", "unacked_index", KEYS.reserved("bulk"))
+
+
 def test_a_strict_retry_sleeps_the_verdicts_wait_on_the_runs_clock(redis_client, settings):
     clock = FakeClock()
     run = begin(settings, clock)

@@ -50,7 +50,7 @@ from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import coalescing, flow
-from onelane.delivery.fetching import fetched_of, queue_claim
+from onelane.delivery.fetching import claim_fetched, fetched_of, queue_claim
 from onelane.delivery.inflight import Inflight, InflightRecord, queue_acknowledge, requeue_at_head
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ class Delivery:
     batch: str | None
     #: the worker's token (ONELANE_WORKER_ID), written as the owner of in-flight records
     owner: str
-    #: the message as the worker's fetch list holds it, when the fast take delivered it: the first
-    #: preflight claims it (records it as unacked); None when the take script did already
+    #: the message as the worker's fetch list holds it, when the fast take delivered it: a lane's
+    #: first preflight claims it (records it as unacked), a bulk callout runs from the fetch list;
+    #: None when the take script recorded it as unacked already
     fetched: str | None = None
     exchange: str = ""
 
@@ -217,9 +218,11 @@ class CalloutRun:
         """One round trip for everything before an attempt: recorded outcome, attempts so far,
         pause, circuit, the Redis clock — and the permit (the lease, or a slot) and the in-flight
         record, tried ahead (a task queued behind its process's waiters for a slot waits for a release
-        in this round trip, then tries); on the first, the claim of a message the fast take delivered
-        (recorded as unacked, off the worker's fetch list) and, on the bulk queue, its receiver. When something stands in the way (an outcome, a
-        pause, an open circuit, no attempts left) a lease won ahead is given back at once."""
+        in this round trip, then tries); on a lane's first, the claim of a message the fast take
+        delivered (recorded as unacked, off the worker's fetch list: a bulk callout runs from there);
+        on the bulk queue, a message the take script delivered, its receiver again. When something
+        stands in the way (an outcome, a pause, an open circuit, no attempts left) a lease won ahead
+        is given back at once."""
         # one token for every try of this read: a try whose reply was lost (a failover) may have won
         # the lease, and the next try is then a re-grant to the same token, not a second lease
         token = new_token()
@@ -233,7 +236,7 @@ class CalloutRun:
         if self._unclaimed and not self._claim_late:  # first of all: unacked before anything is in flight
             claimed = self._queue_claim(pipe)
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue and not self._claim_late:
-            # the receiver record (the claim's, or again: the worker wrote it on receipt, and this
+            # the receiver record (again: the take script or the worker on receipt wrote it, and this
             # covers a Redis error then), before the try ahead: a wait for a slot may follow it in
             # this round trip, and the reaper finds a dead receiver's messages by this record
             pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
@@ -356,23 +359,22 @@ class CalloutRun:
         return queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
                            message=d.fetched, exchange=d.exchange, routing_key=d.queue)
 
-    def _claim_now(self) -> None:
+    def _claim_now(self) -> bool:
         """Before a step that moves the message from kombu's unacked copy (a give-back, a deferral): a
-        bulk message still in the worker's fetch list is claimed first, with its receiver record,
-        in one transaction (the message is in one place or the other, never neither)."""
+        bulk message still waiting in the worker's fetch list is claimed first, with its receiver
+        record, in one step. False: the fetch list no longer held it (given back meanwhile, its
+        worker counted as gone): nothing was written, and this run leaves the message alone."""
         if not self._unclaimed:
-            return
+            return True
         d = self.delivery
-
-        def claim() -> None:
-            pipe = self.client.pipeline(transaction=True)
-            if d.queue == self.settings.bulk_queue:
-                pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
-            self._queue_claim(pipe)
-            pipe.execute()
-
-        self._redis(claim)
+        claimed = self._redis(lambda: claim_fetched(
+            self.client, self.keys, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
+            message=d.fetched, exchange=d.exchange, queue=d.queue, receiver=d.owner))
         self._unclaimed = self._claim_late = False
+        if not claimed:
+            log.warning("onelane: %s was given back to its queue while this worker held it (counted as gone); "
+                        "this run ends without moving it", d.task_id)
+        return claimed
 
     def wait_until_open(self, check: Preflight) -> bool:
         """Wait while the queue is paused or the resource's circuit is open.
@@ -581,7 +583,8 @@ class CalloutRun:
     def give_back_at_head(self, why: str) -> Ignore:
         """Put this message back at the head of its queue (order kept); return the Ignore that ends the run."""
         d = self.delivery
-        self._claim_now()
+        if not self._claim_now():
+            return Ignore()
         self._redis(lambda: requeue_at_head(self.client, self.keys, queue=d.queue, delivery_tag=d.delivery_tag,
                                             task_id=d.task_id))
         log.info("onelane: %s given back at the head of %r (%s)", d.task_id, d.queue, why)
@@ -629,8 +632,8 @@ class CalloutRun:
         not delivered through kombu (an eager call) cannot move, so sleep instead."""
         d = self.delivery
 
-        if d.delivery_tag:
-            self._claim_now()
+        if d.delivery_tag and not self._claim_now():
+            raise Ignore()
 
         def defer() -> bool:
             due_ms = redis_now_ms(self.client) + int(wait_s * 1000)

@@ -9,15 +9,18 @@ worker); the script checks that what it absorbs is still exactly what was read.
 
 While the ready list holds callouts without a coalesce key, the *fast take* is one plain command
 instead of the script: ``LMOVE`` from the head of the ready list into the worker's *fetch list*.
-The message is then in the fetch list — never nowhere — until the task's first Redis step records
-it as unacked, in kombu's layout, and removes it from the fetch list (:func:`queue_claim`, on the
-callout's preflight). A Lua script costs Redis several times a plain command on a busy machine
-(README, "Where Redis's CPU goes"), and this one ran for every callout.
+The message is then in the fetch list — never nowhere. A lane's task records it as unacked, in
+kombu's layout, and removes it from the fetch list in its first Redis step (:func:`queue_claim`,
+on the callout's preflight). A bulk callout runs from the fetch list, which says whose it is: its
+success's ack removes it from there, in the outcome's transaction, and a step that moves it (a
+give-back, a deferral) claims it first. A Lua script costs Redis several times a plain command on a
+busy machine (README, "Where Redis's CPU goes"), and this one ran for every callout.
 
 A worker's *fetch list* otherwise holds only a message the script could not read (handed to the
 worker to dead-letter) or what an older onelane left there. Anything in it goes back to the head of
 its queue: the worker's own when it (re)connects, with the ones it is running left alone; a worker's
-that is gone, by the reaper (``lua/fetch_return.lua``).
+that is gone, by the reaper (``lua/fetch_return.lua``), each callout whose attempt's deadline is
+ahead once it has passed (:func:`return_fetched`).
 """
 from __future__ import annotations
 
@@ -28,15 +31,19 @@ from dataclasses import dataclass
 
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.core.scripts import LuaScript, forget
+from onelane.core.text import text
 from onelane.delivery.coalescing import arrival
-from onelane.delivery.inflight import MOVED, NOT_HELD, Inflight, Requeue, requeue_at_head
+from onelane.delivery.inflight import MOVED, NOT_HELD, Requeue, requeue_at_head
 from onelane.delivery.messages import parse_queued, task_id_of
 
 _NEXT = LuaScript(__package__, "fetch_next")
 _RETURN = LuaScript(__package__, "fetch_return")
+_REAP = LuaScript(__package__, "fetch_reap")
+_CLAIM = LuaScript(__package__, "claim_fetched")
 
 #: the message property that carries, from the fast take to the task, the message as the fetch list
-#: holds it (the task's preflight claims it; an ack or a requeue before that takes it from there)
+#: holds it (a lane's preflight claims it, a bulk success's ack removes it; an ack or a requeue of
+#: a message still there takes it from there)
 FETCHED = "onelane_fetched"
 
 #: messages of kombu's list read (and checked for a coalesce key) per round trip
@@ -145,24 +152,24 @@ def queue_claim(pipe, *, fetch_list: str, delivery_tag: str, message: str, excha
     only be delivered twice, never lost: its recorded outcome answers the second delivery).
     """
     pipe.zadd(KOMBU_UNACKED_INDEX, {delivery_tag: time.time()})
-    pipe.hset(KOMBU_UNACKED, delivery_tag, f"[{message}, {json.dumps(exchange)}, {json.dumps(routing_key)}]")
+    pipe.hset(KOMBU_UNACKED, delivery_tag, _unacked_value(message, exchange, routing_key))
     pipe.lrem(fetch_list, 1, message)
     return 3
 
 
-def return_fetched(client, keys: Keys, owner_alive, *, queue: str, now_ms: int) -> tuple[list[str], list[str]]:
+def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> tuple[list[str], list[str]]:
     """Give the fetch lists of ``queue``'s workers that are gone back to the head of the queue; return
     the task ids moved and those left waiting.
 
     A bulk callout stays in its worker's fetch list while it runs (its success's ack takes it from
-    there): one whose attempt's deadline is still ahead (``now_ms``, the Redis clock) is left where it
-    is, since the API may still be working on it, and its fetch list with it; the reaper's next pass
-    moves it once the deadline has passed, dropping that attempt's in-flight record first (only if
-    it still names the worker that is gone). ``owner_alive(token)`` says whether a worker still
-    counts as alive. Safe to run twice at once, and against a worker acknowledging or claiming: each
-    message moves once, and a message moved back is not delivered by its fetcher.
+    there): one whose attempt's deadline is still ahead is left where it is, since the API may still
+    be working on it, and its fetch list stays in the index; a later pass moves it once the deadline
+    has passed, dropping that attempt's in-flight record if it still names the worker that is gone
+    (``lua/fetch_reap.lua``: one step per fetch list, on the Redis clock). ``owner_alive(token)``
+    says whether a worker still counts as alive. Safe to run twice at once, and against a worker
+    acknowledging or claiming: each message moves once, a message moved back is not delivered by its
+    fetcher, and no other delivery's copy is touched.
     """
-    inflight = Inflight(client, keys)
     moved_ids, waiting_ids = [], []
     for fetch_list, raw in client.hgetall(keys.fetch_lists).items():
         try:
@@ -172,27 +179,29 @@ def return_fetched(client, keys: Keys, owner_alive, *, queue: str, now_ms: int) 
             continue
         if info.get("queue") != queue or owner_alive(token):
             continue
-        items = client.lrange(fetch_list, 0, -1)  # newest first, as give_back takes them
-        running, due = [], []
-        for item in items:
-            task_id = task_id_of(parse_queued(item) or {})
-            rec = inflight.get(task_id) if task_id else None
-            if rec is not None and rec.deadline_ms > now_ms:
-                running.append(task_id)
-            else:
-                due.append((item, task_id, rec))
-        for item, task_id, rec in due:
-            if rec is not None:  # its attempt's record, if still the dead worker's: the message has no unacked copy
-                requeue_at_head(client, keys, queue=queue, delivery_tag=rec.delivery_tag, task_id=task_id,
-                                expect_owner=token)
-        if running:
-            moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=False,
-                              only=[item for item, _, _ in due])
-        else:
-            moved = give_back(client, keys, fetch_list=fetch_list, queue=queue, forget=True)
+        items = client.lrange(fetch_list, 0, -1)  # newest first
+        task_ids = [task_id_of(parse_queued(item) or {}) or "" for item in items]
+        moved, waiting = _REAP(client, keys=[fetch_list, keys.queue_list(queue), keys.fetch_lists, keys.ready(queue),
+                                             keys.inflight_index(queue), *[keys.inflight(t) for t in task_ids]],
+                               args=[token, *items, *task_ids])
         moved_ids += [task_id_of(parse_queued(item) or {}) or "?" for item in moved]
-        waiting_ids += running
+        waiting_ids += [text(t) for t in waiting]
     return moved_ids, waiting_ids
+
+
+def claim_fetched(client, keys: Keys, *, fetch_list: str, delivery_tag: str, message: str, exchange: str,
+                  queue: str, receiver: str) -> bool:
+    """Claim a message its worker runs from ``fetch_list`` (the bulk queue), before a step that moves
+    it from kombu's unacked copy: recorded as unacked with its receiver, off the fetch list, in one
+    step — only if the fetch list still held it. False: it was given back meanwhile (its worker
+    counted as gone), nothing was written, and the run must leave the message alone."""
+    return bool(_CLAIM(client, keys=[fetch_list, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, keys.reserved(queue)],
+                       args=[message, delivery_tag, _unacked_value(message, exchange, queue), time.time(), receiver]))
+
+
+def _unacked_value(message: str, exchange: str, routing_key: str) -> str:
+    """A message's entry in kombu's unacked hash, as kombu writes it."""
+    return f"[{message}, {json.dumps(exchange)}, {json.dumps(routing_key)}]"
 
 
 def requeue_taken(client, keys: Keys, *, queue: str, delivery_tag: str, task_id: str, fetched: str | None = None,

@@ -450,7 +450,7 @@ def _note_received(sender=None, request=None, **_):
     token = os.environ.get(WORKER_ID_ENV)
     message = getattr(request, "message", None)
     tag = getattr(message, "delivery_tag", None)
-    if message is not None and receipt_recorded(message):  # the take wrote it, or its claim will
+    if message is not None and receipt_recorded(message):  # the take wrote it, or the fetch list says it
         return
     if token and tag:
         try:

@@ -4,15 +4,16 @@ Used by the reaper (in beat) and by a worker that has just taken a queue's guard
 
 An orphan is either
 * a message in the fetch list of a worker that is gone (taken off the queue, never
-  recorded as unacked; see :mod:`onelane.delivery.transport`), or
+  recorded as unacked; see :mod:`onelane.delivery.transport`): one never started, or a
+  bulk callout that ran from there whose attempt's deadline has passed, or
 * an in-flight record whose owner no longer holds the queue's guard and whose
   attempt deadline has passed (the API can no longer be working on it), or
 * a message kombu holds as unacked for this queue, with no in-flight record (so
   no HTTP attempt started), delivered before the current guard holder started
   (or with no holder at all), i.e. to a consumer that is gone.
 
-Each is moved atomically (:func:`onelane.delivery.inflight.requeue_at_head`), so two reapers
-running at once move it once.
+Each is moved atomically (:func:`onelane.delivery.inflight.requeue_at_head`, or for a fetch
+list ``lua/fetch_reap.lua``), so two reapers running at once move it once.
 """
 from __future__ import annotations
 
@@ -77,10 +78,10 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
     now_ms = redis_now_ms(client) if now_ms is None else now_ms
     inflight = Inflight(client, keys)
 
-    # Messages a worker took off the queue but never recorded: only the guard holder
-    # consumes this queue, so any other worker's fetch list is an orphan.
+    # Messages a worker took off the queue but never recorded as unacked: only the guard
+    # holder consumes this queue, so any other worker's fetch list is an orphan.
     alive = (lambda token: token == live_owner) if live_owner else presence_alive(client, keys)
-    _return_fetched(client, keys, report, alive, queue=queue, now_ms=now_ms)
+    _return_fetched(client, keys, report, alive, queue=queue)
 
     for task_id in inflight.task_ids(queue):
         rec = inflight.get(task_id)
@@ -90,7 +91,8 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
         if live_owner and rec.owner == live_owner:
             continue  # a live worker's own attempt (its parent requeues a dead child's)
         if rec.deadline_ms > now_ms:
-            report.waiting.append(task_id)
+            if task_id not in report.waiting:  # (its message may be in its fetch list: counted there)
+                report.waiting.append(task_id)
             continue
         res = requeue_at_head(client, keys, queue=queue, delivery_tag=rec.delivery_tag, task_id=task_id,
                               expect_owner=rec.owner)
@@ -106,13 +108,13 @@ def requeue_orphans(client, keys: Keys, *, queue: str, margin_ms: int, live_owne
     return report
 
 
-def _return_fetched(client, keys: Keys, report: RecoveryReport, owner_alive, *, queue: str, now_ms: int) -> None:
+def _return_fetched(client, keys: Keys, report: RecoveryReport, owner_alive, *, queue: str) -> None:
     """The fetch lists of workers that are gone, back to the head of the queue, but for callouts whose
     attempt may still be at the API (their deadline ahead): those wait."""
-    moved, waiting = return_fetched(client, keys, owner_alive, queue=queue, now_ms=now_ms)
+    moved, waiting = return_fetched(client, keys, owner_alive, queue=queue)
     for task_id in moved:
         _note(report, MOVED, task_id, "fetched by a worker that is gone")
-    report.waiting += waiting
+    report.waiting += [t for t in waiting if t not in report.waiting]
 
 
 def _requeue_unclaimed(client, keys: Keys, report: RecoveryReport, *, queue: str, cutoff_s: float,
@@ -171,10 +173,11 @@ def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive, mar
                              now_ms: int | None = None) -> RecoveryReport:
     """For a queue with many consumers: requeue messages received by workers that are gone.
 
-    Each worker records the delivery tags it receives (``Keys.reserved``), and again when
-    the task starts. A message still unacked whose receiver no longer renews its presence
-    goes back to the head of the queue — at once if its attempt never started, after the
-    attempt's deadline otherwise. A message kombu marked unacked more than ``margin_ms``
+    A message the fast take delivered stays in its worker's fetch list while its callout
+    runs; any other, recorded as unacked, has its receiver recorded (``Keys.reserved``),
+    by the take and again when the task starts. Either, when its worker no longer renews its
+    presence, goes back to the head of the queue — at once if its attempt never started,
+    after the attempt's deadline otherwise. A message kombu marked unacked more than ``margin_ms``
     ago that nobody has claimed (its receiver died between kombu's bookkeeping and its
     own record) goes back too.
     """
@@ -184,7 +187,7 @@ def requeue_reserved_orphans(client, keys: Keys, *, queue: str, owner_alive, mar
     def forget(tag: str, owner: str) -> None:
         _HDEL_IF(client, keys=[keys.reserved(queue)], args=[tag, owner])
 
-    _return_fetched(client, keys, report, owner_alive, queue=queue, now_ms=now_ms)
+    _return_fetched(client, keys, report, owner_alive, queue=queue)
     for tag, owner in text_map(client.hgetall(keys.reserved(queue))).items():
         raw = client.hget(KOMBU_UNACKED, tag)
         if raw is None:  # acked, or moved back to the queue already

@@ -10,9 +10,10 @@ onto the queue's ready list, coalescing callouts that share a key
 ``BLMOVE q q RIGHT RIGHT`` — a rotation of one, which leaves the message where it is — and
 then absorbs and takes it with the script. While the ready list holds callouts without a
 coalesce key, a take is one plain ``LMOVE`` into the worker's fetch list instead (the *fast
-take*); the task's first Redis step records the message as unacked and takes it off the fetch
-list (:func:`onelane.delivery.fetching.queue_claim`), and an ack or a requeue before that step
-takes it from the fetch list.
+take*); a lane's task records the message as unacked and takes it off the fetch list in its first
+Redis step (:func:`onelane.delivery.fetching.queue_claim`), a bulk callout runs from the fetch list
+(its success's ack takes it from there), and an ack or a requeue of a message still in the fetch
+list takes it from there.
 
 Guarantee: at every moment a message is in kombu's list, the ready list, parked or carried
 (coalescing), the worker's fetch list, or kombu's unacked hash, never nowhere.
@@ -81,15 +82,18 @@ def _running_fetched(delivery_tag: str, message: str) -> None:
     entry whose ack never came (a lost connection) goes long before a worker could have that
     many tasks running."""
     while len(_RUNNING_FETCHED) >= _ACKED_WITH_OUTCOME_MAX:
-        del _RUNNING_FETCHED[next(iter(_RUNNING_FETCHED))]
+        try:  # a task thread may pop an entry meanwhile
+            _RUNNING_FETCHED.pop(next(iter(_RUNNING_FETCHED)), None)
+        except (RuntimeError, StopIteration):
+            pass
     _RUNNING_FETCHED[delivery_tag] = message
 
 
 class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag):
         """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove,
-        and one the fast take delivered is also removed from the fetch list (if its task never
-        claimed it: bad input, a revoked task)."""
+        and one the fast take delivered is also removed from the fetch list (if it is still there:
+        bad input, a revoked task, a bulk callout that failed)."""
         fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
         try:
             _ACKED_WITH_OUTCOME.remove(delivery_tag)
@@ -103,7 +107,7 @@ class QoS(kombu_redis.QoS):
 
     def reject(self, delivery_tag, requeue=False):
         """kombu's reject; a message the fast take delivered is over for its task: requeued, from the
-        fetch list if its task never claimed it, or else removed from it as an ack does."""
+        fetch list if it is still there, or else removed from it as an ack does."""
         fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
         if fetched is None or requeue:
             return super().reject(delivery_tag, requeue=requeue)
@@ -119,9 +123,9 @@ class QoS(kombu_redis.QoS):
 
     def restore_by_tag(self, tag, client=None, leftmost=False):
         """kombu's restore of an unacked message (a requeue, a closing channel, the visibility
-        timeout); a message the fast take delivered whose task has ended and never claimed it goes
-        from the fetch list back to the head of its queue. One whose task may still claim it stays
-        (kombu restores claimed copies its own way: ``leftmost``, the tail)."""
+        timeout); a message the fast take delivered whose task has ended and left it in the fetch list
+        goes from there back to the head of its queue. One whose task still runs (or may claim it)
+        stays (kombu restores claimed copies its own way: ``leftmost``, the tail)."""
         fetched = fetched_of(self._delivered.get(tag))
         super().restore_by_tag(tag, client=client, leftmost=leftmost)
         if fetched is not None and tag not in _RUNNING_FETCHED:
@@ -240,7 +244,8 @@ class LossProofFetch:
         return self._deliver(plan, payload)
 
     def _deliver_fast(self, plan: QueueFetch, message) -> bool:
-        """Deliver what the fast take moved to the fetch list; its task claims it (its preflight).
+        """Deliver what the fast take moved to the fetch list (a lane's task claims it in its
+        preflight; a bulk callout runs from there).
 
         An empty ready list, or a callout with a coalesce key (coalescing is the script's work:
         the message goes back to the head first), ends the fast takes until the script has taken a
@@ -272,7 +277,8 @@ class LossProofFetch:
 
     def _deliver(self, plan: QueueFetch, payload: dict) -> bool:
         """Hand a taken message to Celery, kombu's bookkeeping in memory only: the take script recorded
-        it as unacked (and a bulk message's receiver), or its task's claim will, in one step."""
+        it as unacked (and a bulk message's receiver), or it waits in the worker's fetch list (a lane's
+        task claims it in its first step; a bulk callout runs from there)."""
         tag = payload["properties"]["delivery_tag"]
         replicas = Replicas.of(get_settings())
         if replicas.needed > 0:  # a take a failover could erase is not acted on
@@ -371,8 +377,9 @@ class LossProofFetch:
 
 def receipt_recorded(message) -> bool:
     """True while onelane's fetch delivers ``message`` (a kombu message) of the bulk queue: its take
-    recorded the receiving worker already, or (the fast take) its claim will, with the unacked
-    record; till then the worker's fetch list says whose it is. Nothing more to write on receipt."""
+    recorded the receiving worker already, or (the fast take) the worker's fetch list says whose it
+    is while it is there (a claim, should one come, writes the record with the unacked copy).
+    Nothing more to write on receipt."""
     transport = getattr(getattr(message, "channel", None), "connection", None)
     tag = getattr(message, "delivery_tag", None)
     return tag is not None and getattr(transport, "onelane_receipt", None) == tag
