@@ -14,7 +14,7 @@ import pytest
 
 from onelane.core.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, Keys
 from onelane.delivery import coalescing, flow
-from onelane.delivery.fetching import QueueFetch, Step, give_back, queue_claim, requeue_taken
+from onelane.delivery.fetching import QueueFetch, Step, claim_fetched, give_back, requeue_taken
 from onelane.delivery.inflight import MOVED, NOT_HELD, requeue_at_head
 
 KEYS = Keys()
@@ -137,7 +137,7 @@ def test_a_take_by_the_script_says_how_many_the_ready_list_still_holds(redis_cli
 
 
 @pytest.mark.redis
-def test_a_fast_take_holds_the_message_in_the_fetch_list_until_its_claim_records_it_unacked(
+def test_a_fast_take_holds_the_message_in_the_fetch_list_until_a_claim_records_it_unacked(
         redis_client, celery_app):
     # Given a ready list of three (the script took the first, moving the rest there)
     f = fetcher()
@@ -151,12 +151,12 @@ def test_a_fast_take_holds_the_message_in_the_fetch_list_until_its_claim_records
     assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids[2:]
     tag = json.loads(message)["properties"]["delivery_tag"]
     assert not redis_client.hexists(KOMBU_UNACKED, tag)
-    # When its task claims it (on its preflight's pipeline)
-    pipe = redis_client.pipeline(transaction=False)
-    assert queue_claim(pipe, fetch_list=f.fetch_list, delivery_tag=tag, message=message.decode(), exchange="",
-                       routing_key=QUEUE) == 3
-    pipe.execute()
-    # Then it is unacked exactly as kombu records it, and off the fetch list
+    # When its task claims it (before a give-back or a deferral), once, then again
+    claims = [claim_fetched(redis_client, KEYS, fetch_list=f.fetch_list, delivery_tag=tag, message=message.decode(),
+                            exchange="", queue=QUEUE, receiver="") for _ in range(2)]
+    # Then it is unacked exactly as kombu records it, and off the fetch list; the second claim,
+    # finding it gone from there, wrote nothing
+    assert claims == [True, False]
     assert json.loads(redis_client.hget(KOMBU_UNACKED, tag)) == [json.loads(message), "", QUEUE]
     assert redis_client.zscore(KOMBU_UNACKED_INDEX, tag) is not None
     assert redis_client.llen(f.fetch_list) == 0
@@ -189,11 +189,9 @@ def test_a_requeue_of_a_delivered_message_finds_it_claimed_or_still_in_the_fetch
     # child died first), one acknowledged
     f, ids, (claimed, unclaimed, acked) = fast_takes(redis_client, celery_app, 3, token="w1")
     tags = [json.loads(m)["properties"]["delivery_tag"] for m in (claimed, unclaimed, acked)]
-    pipe = redis_client.pipeline(transaction=False)
-    queue_claim(pipe, fetch_list=f.fetch_list, delivery_tag=tags[0], message=claimed.decode(), exchange="",
-                routing_key=QUEUE)
-    pipe.lrem(f.fetch_list, 1, acked)
-    pipe.execute()
+    assert claim_fetched(redis_client, KEYS, fetch_list=f.fetch_list, delivery_tag=tags[0], message=claimed.decode(),
+                         exchange="", queue=QUEUE, receiver="")
+    redis_client.lrem(f.fetch_list, 1, acked)
     # When each is requeued (a worker-lost reject)
     res = [requeue_taken(redis_client, KEYS, queue=QUEUE, delivery_tag=tag, task_id=tid, fetched=m.decode(),
                          owner="w1") for tag, tid, m in zip(tags, ids[1:], (claimed, unclaimed, acked))]

@@ -50,7 +50,7 @@ from onelane.core.replication import NotReplicated, Replicas
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, Settings, get_settings
 from onelane.delivery import coalescing, flow
-from onelane.delivery.fetching import claim_fetched, fetched_of, queue_claim
+from onelane.delivery.fetching import claim_fetched, fetched_of
 from onelane.delivery.inflight import Inflight, InflightRecord, queue_acknowledge, requeue_at_head
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,8 @@ class Delivery:
     batch: str | None
     #: the worker's token (ONELANE_WORKER_ID), written as the owner of in-flight records
     owner: str
-    #: the message as the worker's fetch list holds it, when the fast take delivered it: a lane's
-    #: first preflight claims it (records it as unacked), a bulk callout runs from the fetch list;
-    #: None when the take script recorded it as unacked already
+    #: the message as the worker's fetch list holds it, when the fast take delivered it (its callout
+    #: runs from the fetch list); None when the take script recorded it as unacked already
     fetched: str | None = None
     exchange: str = ""
 
@@ -180,13 +179,12 @@ class CalloutRun:
         #: the number the next attempt should have (its in-flight record may be written before the
         #: preflight reads how many attempts finished: the number is checked then)
         self._next_attempt = 1
-        #: a message the fast take delivered waits in the worker's fetch list for its claim (recorded as
-        #: unacked, in kombu's layout): a lane's first preflight claims it; on the bulk queue it stays
-        #: in the fetch list, which says whose it is, till its success's ack takes it from there (in
-        #: the outcome's transaction) or a step that needs it unacked claims it first (a give-back, a
-        #: deferral). Five commands less a bulk callout (README, "The bulk queue's Redis CPU").
+        #: a message the fast take delivered stays in the worker's fetch list, which says whose it is,
+        #: while its callout runs: its success's ack takes it from there (in the outcome's
+        #: transaction), and a step that needs it unacked claims it first (a give-back, a deferral).
+        #: Four commands less a serial callout, five a bulk one, than a claim by the preflight (README,
+        #: "Callouts run from the worker's fetch list").
         self._unclaimed = delivery.fetched is not None and bool(delivery.delivery_tag and delivery.owner)
-        self._claim_late = self._unclaimed and delivery.queue == s.bulk_queue
         self._said_circuit_open = False
         #: the task ids this callout carries (coalescing), read before each attempt
         self.carried: list[dict] = []
@@ -218,9 +216,9 @@ class CalloutRun:
         """One round trip for everything before an attempt: recorded outcome, attempts so far,
         pause, circuit, the Redis clock — and the permit (the lease, or a slot) and the in-flight
         record, tried ahead (a task queued behind its process's waiters for a slot waits for a release
-        in this round trip, then tries); on a lane's first, the claim of a message the fast take
-        delivered (recorded as unacked, off the worker's fetch list: a bulk callout runs from there);
-        on the bulk queue, a message the take script delivered, its receiver again. When something
+        in this round trip, then tries); on the bulk queue, the receiver record again of a message
+        the take script delivered (one the fast take delivered stays in the worker's fetch list,
+        which says whose it is, and is claimed by nobody: :meth:`_claim_now`). When something
         stands in the way (an outcome, a pause, an open circuit, no attempts left) a lease won ahead
         is given back at once."""
         # one token for every try of this read: a try whose reply was lost (a failover) may have won
@@ -232,10 +230,8 @@ class CalloutRun:
         d, s = self.delivery, self.settings
         record = self._record(attempt=self._next_attempt)
         pipe = self.client.pipeline(transaction=False)
-        claimed = 0  # replies before the reads: the claim's, and the receiver record's
-        if self._unclaimed and not self._claim_late:  # first of all: unacked before anything is in flight
-            claimed = self._queue_claim(pipe)
-        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue and not self._claim_late:
+        claimed = 0  # replies before the reads: the receiver record's
+        if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue and not self._unclaimed:
             # the receiver record (again: the take script or the worker on receipt wrote it, and this
             # covers a Redis error then), before the try ahead: a wait for a slot may follow it in
             # this round trip, and the reaper finds a dead receiver's messages by this record
@@ -262,7 +258,6 @@ class CalloutRun:
         if replies is None:
             forget(self.client)
             return self._preflight(token, waited_ms)  # a wait in it is over: the permit tries at once
-        self._unclaimed = self._unclaimed and self._claim_late
         values, finished, circuit_raw, now = replies[claimed:claimed + 4]
         recorded, paused = values[:outcome_values], values[outcome_values]
         first = claimed + 4
@@ -352,25 +347,19 @@ class CalloutRun:
         if d.queue == self.settings.bulk_queue:
             pipe.hdel(self.keys.reserved(d.queue), d.delivery_tag)
 
-    def _queue_claim(self, pipe) -> int:
-        """Queue the claim of the message waiting in the worker's fetch list: recorded as unacked
-        (kombu's layout), then off the fetch list. Return the replies it adds."""
-        d = self.delivery
-        return queue_claim(pipe, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
-                           message=d.fetched, exchange=d.exchange, routing_key=d.queue)
-
     def _claim_now(self) -> bool:
         """Before a step that moves the message from kombu's unacked copy (a give-back, a deferral): a
-        bulk message still waiting in the worker's fetch list is claimed first, with its receiver
-        record, in one step. False: the fetch list no longer held it (given back meanwhile, its
+        message still in the worker's fetch list is claimed first (on the bulk queue with its
+        receiver record), in one step. False: the fetch list no longer held it (given back meanwhile, its
         worker counted as gone): nothing was written, and this run leaves the message alone."""
         if not self._unclaimed:
             return True
         d = self.delivery
+        receiver = d.owner if d.queue == self.settings.bulk_queue else ""  # a lane's guard says whose it is
         claimed = self._redis(lambda: claim_fetched(
             self.client, self.keys, fetch_list=self.keys.fetch_list(d.queue, d.owner), delivery_tag=d.delivery_tag,
-            message=d.fetched, exchange=d.exchange, queue=d.queue, receiver=d.owner))
-        self._unclaimed = self._claim_late = False
+            message=d.fetched, exchange=d.exchange, queue=d.queue, receiver=receiver))
+        self._unclaimed = False
         if not claimed:
             log.warning("onelane: %s was given back to its queue while this worker held it (counted as gone); "
                         "this run ends without moving it", d.task_id)

@@ -9,11 +9,10 @@ worker); the script checks that what it absorbs is still exactly what was read.
 
 While the ready list holds callouts without a coalesce key, the *fast take* is one plain command
 instead of the script: ``LMOVE`` from the head of the ready list into the worker's *fetch list*.
-The message is then in the fetch list — never nowhere. A lane's task records it as unacked, in
-kombu's layout, and removes it from the fetch list in its first Redis step (:func:`queue_claim`,
-on the callout's preflight). A bulk callout runs from the fetch list, which says whose it is: its
-success's ack removes it from there, in the outcome's transaction, and a step that moves it (a
-give-back, a deferral) claims it first. A Lua script costs Redis several times a plain command on a
+The message is then in the fetch list — never nowhere — and its callout runs from there (the
+fetch list says whose it is): its success's ack removes it, in the outcome's transaction, and a
+step that moves it from kombu's unacked copy (a give-back, a deferral) claims it first
+(:func:`claim_fetched`: recorded as unacked, in kombu's layout, off the fetch list). A Lua script costs Redis several times a plain command on a
 busy machine (README, "Where Redis's CPU goes"), and this one ran for every callout.
 
 A worker's *fetch list* otherwise holds only a message the script could not read (handed to the
@@ -42,8 +41,8 @@ _REAP = LuaScript(__package__, "fetch_reap")
 _CLAIM = LuaScript(__package__, "claim_fetched")
 
 #: the message property that carries, from the fast take to the task, the message as the fetch list
-#: holds it (a lane's preflight claims it, a bulk success's ack removes it; an ack or a requeue of
-#: a message still there takes it from there)
+#: holds it (its success's ack removes it from there, and so does an ack or a requeue of a
+#: message still there)
 FETCHED = "onelane_fetched"
 
 #: messages of kombu's list read (and checked for a coalesce key) per round trip
@@ -142,26 +141,11 @@ def fetched_of(message) -> str | None:
     return props.get(FETCHED) if isinstance(props, dict) else None
 
 
-def queue_claim(pipe, *, fetch_list: str, delivery_tag: str, message: str, exchange: str, routing_key: str) -> int:
-    """Queue on ``pipe`` the claim of a message the fast take moved to ``fetch_list``: recorded as
-    unacked exactly as kombu records it (``[message, exchange, routing key]``, scored with the
-    time), then removed from the fetch list. Return the replies it adds (3).
-
-    The unacked record goes first, so the message is in one place or both, never in neither; both
-    only until the removal that follows in the same batch of commands (and a message in both can
-    only be delivered twice, never lost: its recorded outcome answers the second delivery).
-    """
-    pipe.zadd(KOMBU_UNACKED_INDEX, {delivery_tag: time.time()})
-    pipe.hset(KOMBU_UNACKED, delivery_tag, _unacked_value(message, exchange, routing_key))
-    pipe.lrem(fetch_list, 1, message)
-    return 3
-
-
 def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> tuple[list[str], list[str]]:
     """Give the fetch lists of ``queue``'s workers that are gone back to the head of the queue; return
     the task ids moved and those left waiting.
 
-    A bulk callout stays in its worker's fetch list while it runs (its success's ack takes it from
+    A callout stays in its worker's fetch list while it runs (its success's ack takes it from
     there): one whose attempt's deadline is still ahead is left where it is, since the API may still
     be working on it, and its fetch list stays in the index; a later pass moves it once the deadline
     has passed, dropping that attempt's in-flight record if it still names the worker that is gone

@@ -5,7 +5,7 @@ Used by the reaper (in beat) and by a worker that has just taken a queue's guard
 An orphan is either
 * a message in the fetch list of a worker that is gone (taken off the queue, never
   recorded as unacked; see :mod:`onelane.delivery.transport`): one never started, or a
-  bulk callout that ran from there whose attempt's deadline has passed, or
+  callout that ran from there whose attempt's deadline has passed, or
 * an in-flight record whose owner no longer holds the queue's guard and whose
   attempt deadline has passed (the API can no longer be working on it), or
 * a message kombu holds as unacked for this queue, with no in-flight record (so

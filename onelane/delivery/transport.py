@@ -10,10 +10,9 @@ onto the queue's ready list, coalescing callouts that share a key
 ``BLMOVE q q RIGHT RIGHT`` — a rotation of one, which leaves the message where it is — and
 then absorbs and takes it with the script. While the ready list holds callouts without a
 coalesce key, a take is one plain ``LMOVE`` into the worker's fetch list instead (the *fast
-take*); a lane's task records the message as unacked and takes it off the fetch list in its first
-Redis step (:func:`onelane.delivery.fetching.queue_claim`), a bulk callout runs from the fetch list
-(its success's ack takes it from there), and an ack or a requeue of a message still in the fetch
-list takes it from there.
+take*); its callout runs from the fetch list (its success's ack takes it from there, a give-back
+or a deferral claims it first: :func:`onelane.delivery.fetching.claim_fetched`), and an ack or a
+requeue of a message still in the fetch list takes it from there.
 
 Guarantee: at every moment a message is in kombu's list, the ready list, parked or carried
 (coalescing), the worker's fetch list, or kombu's unacked hash, never nowhere.
@@ -244,8 +243,7 @@ class LossProofFetch:
         return self._deliver(plan, payload)
 
     def _deliver_fast(self, plan: QueueFetch, message) -> bool:
-        """Deliver what the fast take moved to the fetch list (a lane's task claims it in its
-        preflight; a bulk callout runs from there).
+        """Deliver what the fast take moved to the fetch list (its callout runs from there).
 
         An empty ready list, or a callout with a coalesce key (coalescing is the script's work:
         the message goes back to the head first), ends the fast takes until the script has taken a
@@ -277,8 +275,8 @@ class LossProofFetch:
 
     def _deliver(self, plan: QueueFetch, payload: dict) -> bool:
         """Hand a taken message to Celery, kombu's bookkeeping in memory only: the take script recorded
-        it as unacked (and a bulk message's receiver), or it waits in the worker's fetch list (a lane's
-        task claims it in its first step; a bulk callout runs from there)."""
+        it as unacked (and a bulk message's receiver), or it waits in the worker's fetch list (its
+        callout runs from there)."""
         tag = payload["properties"]["delivery_tag"]
         replicas = Replicas.of(get_settings())
         if replicas.needed > 0:  # a take a failover could erase is not acted on
