@@ -151,18 +151,24 @@ def test_a_fast_take_holds_the_message_in_the_fetch_list_until_a_claim_records_i
     assert [id_of(m) for m in flow.waiting(redis_client, KEYS, QUEUE)] == ids[2:]
     tag = json.loads(message)["properties"]["delivery_tag"]
     assert not redis_client.hexists(KOMBU_UNACKED, tag)
-    # When its task claims it (before a give-back or a deferral), once, then again
-    claims = [claim_fetched(redis_client, KEYS, fetch_list=f.fetch_list, delivery_tag=tag, message=message.decode(),
-                            exchange="", queue=QUEUE, receiver="") for _ in range(2)]
-    # Then it is unacked exactly as kombu records it, and off the fetch list; the second claim,
-    # finding it gone from there, wrote nothing
-    assert claims == [True, False]
+    # When its task claims it (before a give-back or a deferral), and claims it again (the first
+    # reply lost)
+    def claim() -> bool:
+        return claim_fetched(redis_client, KEYS, fetch_list=f.fetch_list, delivery_tag=tag, message=message.decode(),
+                             exchange="", queue=QUEUE, receiver="")
+
+    claims = [claim(), claim()]
+    # Then it is unacked exactly as kombu records it, and off the fetch list; the second claim
+    # found its own record (claimed, not given back by someone else)
+    assert claims == [True, True]
     assert json.loads(redis_client.hget(KOMBU_UNACKED, tag)) == [json.loads(message), "", QUEUE]
     assert redis_client.zscore(KOMBU_UNACKED_INDEX, tag) is not None
     assert redis_client.llen(f.fetch_list) == 0
     # and an orphan's requeue finds it where it finds a message the script took
     assert requeue_at_head(redis_client, KEYS, queue=QUEUE, delivery_tag=tag, task_id=ids[1]) == MOVED
     assert id_of(flow.head(redis_client, KEYS, QUEUE)) == ids[1]
+    # and a claim after that (the message is in neither place now) writes nothing
+    assert claim() is False and not redis_client.hexists(KOMBU_UNACKED, tag)
     # An empty ready list answers the fast take with nothing (the script's take comes next)
     redis_client.delete(KEYS.ready(QUEUE))
     assert redis_client.execute_command(*f.fast_take_command()) is None
@@ -435,3 +441,31 @@ def test_a_reconnect_gives_the_fetch_list_back_but_for_messages_tasks_may_still_
         assert channel._fetch_ready == f.fetch_list and channel._take_fast is False
     finally:
         transport._RUNNING_FETCHED.pop(tag, None)
+
+
+@pytest.mark.unit
+def test_a_callout_that_ended_with_ignore_is_acknowledged_in_memory_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from celery.exceptions import Ignore
+    from celery.worker.request import Request
+
+    from onelane.delivery import transport
+    from onelane.delivery.request import HeadRequeueRequest
+
+    handled = []
+    monkeypatch.setattr(Request, "on_failure", lambda self, exc_info, **kw: handled.append(self.message.delivery_tag))
+    monkeypatch.setattr(transport, "_ACKED_WITH_OUTCOME", set())
+
+    def ended_with(tag: str, exc: BaseException) -> None:
+        request = HeadRequeueRequest.__new__(HeadRequeueRequest)
+        request._message = SimpleNamespace(delivery_tag=tag)
+        request.on_failure(SimpleNamespace(exception=exc))
+
+    # Given a callout that gave its message back (Ignore), and one that failed
+    ended_with("tag-moved", Ignore())
+    ended_with("tag-failed", ValueError("boom"))
+    # Then Celery handles both as ever (both acknowledged next), but only the first's ack is noted
+    # as memory only: its message was moved already, and a removal could take another delivery's copy
+    assert handled == ["tag-moved", "tag-failed"]
+    assert transport._ACKED_WITH_OUTCOME == {"tag-moved"}

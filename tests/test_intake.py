@@ -19,6 +19,7 @@ from demo.redis_server import RedisServer
 from onelane.core.errors import ConfigError
 from onelane.core.settings import load_settings
 from onelane.ops.intake.tokens import TokenBook, TokensFile, hash_token, parse_book
+from onelane.core.keys import Keys
 from tests import procs
 from tests.intake_proc import ONELANE, IntakeProcess
 from tests.procs import wait_for
@@ -536,7 +537,14 @@ def test_fuzzing_the_openapi_document_finds_no_500_and_only_valid_allowed_callou
     posted = statuses["POST /v1/lanes/{lane}/callouts"]
     assert 202 in posted and any(400 <= s < 500 for s in posted), posted  # the fuzz reached both sides
     # ... every call that reached the API was a callout the intake accepted on the allowed lane ...
-    wait_for(lambda: redis_client.llen(LANE) == 0, 60, 0.2, what="the worker to drain the lane")
+    keys = Keys()
+
+    def drained() -> bool:  # nothing queued (kombu's list, the ready list), fetched or in flight
+        return (redis_client.llen(LANE) == 0 and redis_client.llen(keys.ready(LANE)) == 0
+                and not redis_client.zcard(keys.inflight_index(LANE))
+                and not any(redis_client.llen(f) for f in redis_client.hkeys(keys.fetch_lists)))
+
+    wait_for(drained, 60, 0.2, what="the worker to drain the lane")
     time.sleep(0.5)
     calls = api.snapshot()
     assert calls, "no fuzzed callout reached the API: the test would prove nothing"

@@ -204,6 +204,26 @@ def test_a_second_reaper_with_a_stale_reading_of_a_fetch_list_touches_nothing(re
 
 
 @pytest.mark.redis
+def test_a_worker_taken_for_gone_enters_its_fetch_list_again_so_what_it_fetches_next_is_found(redis_client,
+                                                                                             celery_app):
+    from onelane.delivery.fetching import register_fetch_list
+
+    # Given a bulk worker whose presence lapsed (a long pause): a reaper pass took it for gone and
+    # dropped its empty fetch list from the index
+    fetch_list = register_fetch_list(redis_client, KEYS, queue="bulk", token="paused-token")
+    run_reaper(redis_client)
+    assert not redis_client.hexists(KEYS.fetch_lists, fetch_list)
+    # When it comes back (its heartbeat enters its fetch list again), fetches a callout, and dies
+    redis_client.set(KEYS.lease(KEYS.presence("paused-token")), "paused-token", px=30_000)
+    assert register_fetch_list(redis_client, KEYS, queue="bulk", token="paused-token") == fetch_list
+    celery_app.send_task("tasks.callout", kwargs={"url": "http://api.example/x"}, queue="bulk")
+    item = redis_client.lmove("bulk", fetch_list, "RIGHT", "LEFT")
+    redis_client.delete(KEYS.lease(KEYS.presence("paused-token")))
+    # Then the reaper finds that callout and gives it back
+    assert run_reaper(redis_client).requeued == [json.loads(item)["headers"]["id"]]
+
+
+@pytest.mark.redis
 def test_fetched_message_of_a_live_bulk_worker_is_left_alone(redis_client, celery_app):
     _task_id, item = fetch(redis_client, celery_app, "bulk", "live-token")
     redis_client.set(KEYS.lease(KEYS.presence("live-token")), "live-token", px=30_000)

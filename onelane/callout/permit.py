@@ -228,8 +228,8 @@ class SlotPermit:
             # start). It counts as waiting meanwhile, so newcomers queue behind it in turn. The try
             # writes the in-flight record, granted or not (waiting, due at once), as a first try
             # does; during the wait before it the message is covered as before any attempt: by its
-            # worker's fetch list (or, on the bulk queue, its receiver record; on a lane, as an
-            # unclaimed unacked message).
+            # worker's fetch list, or (taken by the script) by its receiver record on the bulk
+            # queue and as an unacked message nobody claims on a lane.
             n = self.slots.queue_try(pipe, token, ttl_ms=ttl_ms, stamp=stamp, after_wait_ms=QUEUED_MS)
             self.slots.begin_waiting()
             self._queued_at = time.monotonic()

@@ -110,7 +110,8 @@ class Keys:
 
     # -- fetching (see onelane.delivery.transport)
     def fetch_list(self, queue: str, token: str) -> str:
-        """List: a message a worker has taken off ``queue`` but not yet recorded as unacked."""
+        """List: the messages a worker has taken off ``queue`` with the fast take (not recorded as
+        unacked), each until its callout's outcome acknowledges it, or a claim or a give-back moves it."""
         return f"{self.prefix}:fetching:{queue}:{token}"
 
     @property

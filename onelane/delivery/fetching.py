@@ -88,8 +88,8 @@ class QueueFetch:
 
     def fast_take_command(self) -> list:
         """The plain take: the head of the ready list into this worker's fetch list (its reply: the
-        message, or None when the ready list is empty). The message is claimed later, by
-        :func:`queue_claim`, or given back."""
+        message, or None when the ready list is empty). Its callout runs from there: the ack of
+        its outcome removes it, a give-back or a deferral claims it first (:func:`claim_fetched`)."""
         return ["LMOVE", self.keys[1], self.fetch_list, "RIGHT", "LEFT"]
 
     def take_command(self, client) -> list:
@@ -118,6 +118,16 @@ class QueueFetch:
         now = time.time()
         return [mode, now, int(now * 1000), DRAIN_BATCH, "1" if drain_first else "0", self.carried_prefix,
                 self.receiver]
+
+
+def register_fetch_list(client, keys: Keys, *, queue: str, token: str) -> str:
+    """Enter worker ``token``'s fetch list of ``queue`` in the index the reaper and a lane's next guard
+    holder go by; return its key. A worker does as it connects, and again with each renewal of its
+    presence: a reaper that took it for gone (its presence lapsed: a pause, Redis away) dropped its
+    emptied fetch list from the index, and what it fetches next must not sit where nobody looks."""
+    fetch_list = keys.fetch_list(queue, token)
+    client.hset(keys.fetch_lists, fetch_list, json.dumps({"queue": queue, "token": token}))
+    return fetch_list
 
 
 def give_back(client, keys: Keys, *, fetch_list: str, queue: str, forget: bool,
@@ -175,10 +185,11 @@ def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> tuple[list
 
 def claim_fetched(client, keys: Keys, *, fetch_list: str, delivery_tag: str, message: str, exchange: str,
                   queue: str, receiver: str) -> bool:
-    """Claim a message its worker runs from ``fetch_list`` (the bulk queue), before a step that moves
-    it from kombu's unacked copy: recorded as unacked with its receiver, off the fetch list, in one
-    step — only if the fetch list still held it. False: it was given back meanwhile (its worker
-    counted as gone), nothing was written, and the run must leave the message alone."""
+    """Claim a message its worker runs from ``fetch_list``, before a step that moves it from kombu's
+    unacked copy: recorded as unacked (with ``receiver`` on the bulk queue; '' on a lane), off the
+    fetch list, in one step — only if the fetch list still held it. True again for the same claim
+    run twice (a retry after a lost reply). False: it was given back meanwhile (its worker counted
+    as gone), nothing was written, and the run must leave the message alone."""
     return bool(_CLAIM(client, keys=[fetch_list, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, keys.reserved(queue)],
                        args=[message, delivery_tag, _unacked_value(message, exchange, queue), time.time(), receiver]))
 

@@ -57,6 +57,7 @@ from onelane.core.keys import Keys
 from onelane.core.scripts import forget
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings
 from onelane.delivery.epoch import EpochWatch
+from onelane.delivery.fetching import register_fetch_list
 from onelane.delivery.flow import absorb_priorities, pending_moves, promote_due
 from onelane.delivery.recovery import wait_and_requeue_orphans
 from onelane.delivery.registry import register_queue
@@ -387,6 +388,8 @@ class GuardService:
             self.presence.renew(self.token, ttl_ms=self.s.guard_ttl_ms)
         except LeaseNotHeld:  # expired while Redis was away: show ourselves again
             self.presence.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label)
+        if self.lane is None or self.held:  # a consuming worker: its fetch list back in the index, if dropped
+            register_fetch_list(self.client, self.keys, queue=self.queue, token=self.token)
 
     def _take_back(self):
         got = self.lease.try_acquire(self.token, ttl_ms=self.s.guard_ttl_ms, label=self.label,

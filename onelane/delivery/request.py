@@ -14,6 +14,7 @@ import logging
 import os
 import time
 
+from celery.exceptions import Ignore
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -84,6 +85,16 @@ class HeadRequeueRequest(Request):
             acked_with_outcome(tag)
         return super().acknowledge()
 
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        """Celery's handling of a failed task; a callout that ended with Ignore moved its message
+        itself (a give-back at the head, a deferral) or left it where another delivery has it (given
+        back meanwhile), so its ack only clears kombu's bookkeeping in memory: a removal from Redis
+        could take away another delivery's copy under the same delivery tag."""
+        tag = getattr(self.message, "delivery_tag", None)
+        if tag and isinstance(getattr(exc_info, "exception", None), Ignore) and not self.acknowledged:
+            acked_with_outcome(tag)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
     def reject(self, requeue=False):
         if not requeue or self.acknowledged:
             return super().reject(requeue=requeue)
@@ -108,10 +119,13 @@ class HeadRequeueRequest(Request):
             log.exception("onelane: could not requeue %s at the head; kombu will requeue it at the tail",
                           self.id)
             return super().reject(requeue=True)
-        if res not in (MOVED, NOT_HELD):
-            log.error("onelane: requeue of %s at the head returned %s; leaving it to the reaper", self.id, res)
-        else:
+        if res == MOVED:
             log.warning("onelane: %s lost its worker process; requeued at the head of %r", self.id, queue)
+        elif res == NOT_HELD:
+            log.warning("onelane: %s lost its worker process; its message was no longer held here (acknowledged "
+                        "or moved back already)", self.id)
+        else:
+            log.error("onelane: requeue of %s at the head returned %s; leaving it to the reaper", self.id, res)
         # kombu's copy is gone already; ack only clears the consumer's own bookkeeping.
         self.acknowledge()
         self.send_event("task-rejected", requeue=True)

@@ -48,7 +48,8 @@ from onelane.core.keys import Keys
 from onelane.core.replication import Replicas
 from onelane.core.settings import WORKER_ID_ENV, WORKER_QUEUE_ENV, get_settings, sentinel_hosts
 from onelane.delivery.coalescing import arrival
-from onelane.delivery.fetching import DRAIN_BUDGET, FETCHED, QueueFetch, Step, fetched_of, give_back
+from onelane.delivery.fetching import (DRAIN_BUDGET, FETCHED, QueueFetch, Step, fetched_of, give_back,
+                                       register_fetch_list)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ _ACKED_WITH_OUTCOME: set = set()
 _ACKED_WITH_OUTCOME_MAX = 10_000
 #: the messages the fast take handed to this process's tasks (delivery tag -> the message as the
 #: fetch list holds it) until they are acknowledged or rejected: neither a reconnect nor a channel's
-#: restore gives one of them back to the queue, since its task may claim it at any moment, or (the
-#: bulk queue) is running it from there (the reaper gives them back if this worker dies, each once
-#: its attempt's deadline has passed)
+#: restore gives one of them back to the queue, since its task is running it from there (the reaper
+#: gives them back if this worker dies, each once its attempt's deadline has passed)
 _RUNNING_FETCHED: dict = {}
 
 
@@ -92,7 +92,7 @@ class QoS(kombu_redis.QoS):
     def ack(self, delivery_tag):
         """kombu's ack; a message acknowledged with its outcome has nothing left in Redis to remove,
         and one the fast take delivered is also removed from the fetch list (if it is still there:
-        bad input, a revoked task, a bulk callout that failed)."""
+        bad input, a revoked task, a callout that failed)."""
         fetched = _RUNNING_FETCHED.pop(delivery_tag, None)
         try:
             _ACKED_WITH_OUTCOME.remove(delivery_tag)
@@ -330,8 +330,7 @@ class LossProofFetch:
         this worker's tasks may still claim (delivered before a reconnect)."""
         client = self._client()
         keys = Keys(get_settings().key_prefix)
-        client.hset(keys.fetch_lists, plan.fetch_list,
-                    json.dumps({"queue": plan.queue, "token": os.environ.get(WORKER_ID_ENV, "")}))
+        register_fetch_list(client, keys, queue=plan.queue, token=os.environ.get(WORKER_ID_ENV, ""))
         running = set(_RUNNING_FETCHED.values())
         only = None
         if running:

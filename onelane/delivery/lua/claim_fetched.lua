@@ -7,9 +7,10 @@
 -- ARGV[1] the message as the fetch list holds it   ARGV[2] its delivery tag
 -- ARGV[3] its unacked value ([message, exchange, routing key])   ARGV[4] the time, s (kombu's score)
 -- ARGV[5] the receiving worker's token ('' on a lane: its guard says whose it is)
--- Returns 1 claimed; 0 the fetch list no longer held it: nothing done.
+-- Returns 1 claimed (or claimed already: the same claim again, its reply lost); 0 the fetch list no
+-- longer held it and the claim is not there either: nothing done.
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
-    return 0
+    return redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] and 1 or 0
 end
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
