@@ -465,8 +465,8 @@ def test_fuzzing_the_openapi_document_finds_no_500_and_only_valid_allowed_callou
 
     # Given a worker on the token's lane that may call the fragile API and nothing else (short deadlines:
     # fuzzed callouts may ask the API to wait)
-    start(procs.worker({**base_env, "ONELANE_CALLOUT_TIMEOUT": "2", "ONELANE_MAX_ATTEMPTS": "1",
-                        "ONELANE_ALLOWED_HOSTS": f"127.0.0.1:{api.port}"}))
+    worker = start(procs.worker({**base_env, "ONELANE_CALLOUT_TIMEOUT": "2", "ONELANE_MAX_ATTEMPTS": "1",
+                                 "ONELANE_ALLOWED_HOSTS": f"127.0.0.1:{api.port}"}))
     intake = run_intake(intake_env(tokens))
     doc = requests.get(f"{intake.url}/openapi.json", timeout=10).json()
     schema = schemathesis.openapi.from_dict(doc)
@@ -539,15 +539,16 @@ def test_fuzzing_the_openapi_document_finds_no_500_and_only_valid_allowed_callou
     # ... every call that reached the API was a callout the intake accepted on the allowed lane ...
     keys = Keys()
 
-    def drained() -> bool:  # nothing queued (kombu's list, the ready list), fetched or in flight
+    def drained() -> bool:  # nothing queued (kombu's list, the ready list), taken or in flight
         return (redis_client.llen(LANE) == 0 and redis_client.llen(keys.ready(LANE)) == 0
-                and not redis_client.zcard(keys.inflight_index(LANE))
+                and not redis_client.zcard(keys.inflight_index(LANE)) and not redis_client.hlen("unacked")
                 and not any(redis_client.llen(f) for f in redis_client.hkeys(keys.fetch_lists)))
 
     wait_for(drained, 60, 0.2, what="the worker to drain the lane")
     time.sleep(0.5)
     calls = api.snapshot()
-    assert calls, "no fuzzed callout reached the API: the test would prove nothing"
+    assert calls, f"no fuzzed callout reached the API: the test would prove nothing; the worker's log ends:\n" \
+                  f"{worker.log()[-4000:]}"
     assert [c.key for c in calls if c.key not in accepted_keys] == []
     # ... and nothing was published to any other lane
     others = sorted(x for x in lanes_tried if x != LANE)
