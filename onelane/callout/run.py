@@ -230,13 +230,13 @@ class CalloutRun:
         d, s = self.delivery, self.settings
         record = self._record(attempt=self._next_attempt)
         pipe = self.client.pipeline(transaction=False)
-        claimed = 0  # replies before the reads: the receiver record's
+        receipts = 0  # replies before the reads: the receiver record's
         if self._first_read and d.owner and d.delivery_tag and d.queue == s.bulk_queue and not self._unclaimed:
             # the receiver record (again: the take script or the worker on receipt wrote it, and this
             # covers a Redis error then), before the try ahead: a wait for a slot may follow it in
             # this round trip, and the reaper finds a dead receiver's messages by this record
             pipe.hset(self.keys.reserved(d.queue), d.delivery_tag, d.owner)
-            claimed += 1
+            receipts += 1
         # the recorded outcome and the pause flag: one MGET
         outcome_values = self.ledger.preflight(pipe, d.task_id, self.idempotency_key,
                                                also=[self.keys.paused(d.queue)])
@@ -258,9 +258,9 @@ class CalloutRun:
         if replies is None:
             forget(self.client)
             return self._preflight(token, waited_ms)  # a wait in it is over: the permit tries at once
-        values, finished, circuit_raw, now = replies[claimed:claimed + 4]
+        values, finished, circuit_raw, now = replies[receipts:receipts + 4]
         recorded, paused = values[:outcome_values], values[outcome_values]
-        first = claimed + 4
+        first = receipts + 4
         if keyed:
             self.carried = coalescing.carried_of(replies[first])
             first += 1

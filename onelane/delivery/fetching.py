@@ -174,11 +174,12 @@ def return_fetched(client, keys: Keys, owner_alive, *, queue: str) -> tuple[list
         if info.get("queue") != queue or owner_alive(token):
             continue
         items = client.lrange(fetch_list, 0, -1)  # newest first
-        task_ids = [task_id_of(parse_queued(item) or {}) or "" for item in items]
+        id_of = {item: task_id_of(parse_queued(item) or {}) or "" for item in items}  # each parsed once
+        task_ids = [id_of[item] for item in items]
         moved, waiting = _REAP(client, keys=[fetch_list, keys.queue_list(queue), keys.fetch_lists, keys.ready(queue),
                                              keys.inflight_index(queue), *[keys.inflight(t) for t in task_ids]],
                                args=[token, *items, *task_ids])
-        moved_ids += [task_id_of(parse_queued(item) or {}) or "?" for item in moved]
+        moved_ids += [id_of.get(item) or "?" for item in moved]
         waiting_ids += [text(t) for t in waiting]
     return moved_ids, waiting_ids
 

@@ -114,7 +114,7 @@ def _return_fetched(client, keys: Keys, report: RecoveryReport, owner_alive, *, 
     moved, waiting = return_fetched(client, keys, owner_alive, queue=queue)
     for task_id in moved:
         _note(report, MOVED, task_id, "fetched by a worker that is gone")
-    report.waiting += [t for t in waiting if t not in report.waiting]
+    report.waiting += waiting
 
 
 def _requeue_unclaimed(client, keys: Keys, report: RecoveryReport, *, queue: str, cutoff_s: float,

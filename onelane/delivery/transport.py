@@ -327,7 +327,7 @@ class LossProofFetch:
 
     def _prepare(self, plan: QueueFetch) -> None:
         """Register this worker's fetch list and give back anything left in it, but for the messages
-        this worker's tasks may still claim (delivered before a reconnect)."""
+        this worker's tasks are still running (delivered before a reconnect)."""
         client = self._client()
         keys = Keys(get_settings().key_prefix)
         register_fetch_list(client, keys, queue=plan.queue, token=os.environ.get(WORKER_ID_ENV, ""))
